@@ -1,0 +1,83 @@
+//! The record a kernel program writes into the ring buffer for every Audit or Block decision.
+
+/// Bytes reserved for an executable path. Path components are written leaf first, each followed
+/// by a NUL; the agent reverses them. Writes start at `pos & PATH_POS_MASK` and copy at most
+/// [`PATH_COMPONENT_MAX`] bytes, so the buffer is `PATH_POS_MASK + 1 + PATH_COMPONENT_MAX` long:
+/// the verifier can prove every write in bounds.
+pub const PATH_POS_MASK: usize = 1023;
+pub const PATH_COMPONENT_MAX: usize = 256;
+pub const PATH_BUF: usize = PATH_POS_MASK + 1 + PATH_COMPONENT_MAX;
+/// Deepest path the kernel walks (components, mount crossings included).
+pub const PATH_MAX_DEPTH: u32 = 48;
+/// Bytes of the command line captured (NUL-separated arguments, as in `/proc/PID/cmdline`).
+pub const CMDLINE_BUF: usize = 1024;
+
+pub const COMM_LEN: usize = 16;
+
+/// Which enforcer decided.
+pub mod enforcer {
+    pub const LSM: u8 = 1;
+    pub const CGROUP: u8 = 2;
+}
+
+/// How the verdict was found.
+pub mod matched {
+    /// A rule for this class and this executable.
+    pub const CLASS_AND_SOURCE: u8 = 1;
+    /// A rule for this class and any executable.
+    pub const CLASS: u8 = 2;
+    /// No rule matched; the workload's default posture decided.
+    pub const POSTURE: u8 = 3;
+}
+
+/// Bits of [`SocketEvent::flags`].
+pub mod flags {
+    /// The socket was refused (the caller saw EPERM).
+    pub const DENIED: u16 = 1 << 0;
+    /// The type carries the caller's `SOCK_NONBLOCK`/`SOCK_CLOEXEC` bits as passed to socket(2).
+    pub const TYPE_FLAGS_KNOWN: u16 = 1 << 1;
+    /// The executable path did not fit or was deeper than the walk: it is incomplete.
+    pub const EXE_TRUNCATED: u16 = 1 << 2;
+    pub const PARENT_TRUNCATED: u16 = 1 << 3;
+    pub const CMDLINE_TRUNCATED: u16 = 1 << 4;
+    /// The caller had no executable (a kernel thread) or it could not be read.
+    pub const NO_EXE: u16 = 1 << 5;
+    /// The agent runs in audit mode: this Block was downgraded and the socket let through.
+    pub const DOWNGRADED: u16 = 1 << 6;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SocketEvent {
+    /// `bpf_ktime_get_boot_ns()` at the decision.
+    pub boot_ns: u64,
+    pub cgroup_id: u64,
+    pub exe_dev: u64,
+    pub exe_ino: u64,
+    pub host_pid: u32,
+    pub host_tid: u32,
+    pub host_ppid: u32,
+    /// Pid and parent pid in the caller's own pid namespace.
+    pub ns_pid: u32,
+    pub ns_ppid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub workload: u32,
+    pub rule: u32,
+    pub sock_type: u32,
+    pub protocol: u32,
+    pub family: u16,
+    pub flags: u16,
+    pub class: u8,
+    pub action: u8,
+    pub matched: u8,
+    pub enforcer: u8,
+    pub exe_len: u16,
+    pub parent_len: u16,
+    pub cmdline_len: u16,
+    pub _pad: [u8; 6],
+    pub comm: [u8; COMM_LEN],
+    pub exe: [u8; PATH_BUF],
+    pub parent_exe: [u8; PATH_BUF],
+    pub cmdline: [u8; CMDLINE_BUF],
+}

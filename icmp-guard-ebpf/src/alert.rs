@@ -1,0 +1,185 @@
+//! Writing an Audit/Block decision into the ring buffer, within the workload's alert budget.
+//!
+//! The decision has already been taken when this runs: a full ring buffer or an exhausted budget
+//! only costs the alert, never the enforcement, and both are counted.
+
+use aya_ebpf::helpers::{
+    bpf_get_current_comm, bpf_get_current_uid_gid,
+    generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
+};
+use icmp_guard_common::{
+    Class,
+    event::{SocketEvent, flags},
+    maps::{Action, RateState, Settings, counter},
+};
+
+use crate::{
+    decision::Socket,
+    maps::{EVENTS, PENDING_SOCKET, RATE, SUPPRESSED, count},
+    task,
+};
+
+pub struct Decided<'a> {
+    pub sock: &'a Socket,
+    pub class: Class,
+    pub action: Action,
+    pub rule: u32,
+    pub matched: u8,
+    pub workload: u32,
+    pub enforcer: u8,
+    pub denied: bool,
+    pub exe: (u64, u64),
+    pub current: usize,
+    pub pid_tgid: u64,
+}
+
+const WINDOW_NS: u64 = 1_000_000_000;
+
+/// Takes one alert from the workload's budget. Returns false when this alert must be
+/// suppressed; it is then counted in `SUPPRESSED`.
+#[inline(always)]
+fn admit(workload: u32, limit: u32, now: u64) -> bool {
+    if limit == 0 {
+        return true;
+    }
+    let state = match RATE.get_ptr_mut(workload) {
+        Some(s) => s,
+        None => {
+            let fresh = RateState {
+                window_start_ns: now,
+                in_window: 0,
+            };
+            // BPF_NOEXIST: if another CPU created it meanwhile, use theirs.
+            let _ = RATE.insert(workload, fresh, 1);
+            match RATE.get_ptr_mut(workload) {
+                Some(s) => s,
+                // The map is full: count the alert as suppressed rather than lose it silently.
+                None => {
+                    suppress(workload);
+                    return false;
+                }
+            }
+        }
+    };
+    unsafe {
+        if now.wrapping_sub((*state).window_start_ns) >= WINDOW_NS {
+            (*state).window_start_ns = now;
+            (*state).in_window = 0;
+        }
+        (*state).in_window += 1;
+        if (*state).in_window > limit as u64 {
+            suppress(workload);
+            return false;
+        }
+    }
+    true
+}
+
+#[inline(always)]
+fn suppress(workload: u32) {
+    match SUPPRESSED.get_ptr_mut(workload) {
+        // This CPU's own slot: a plain add is exact.
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            // Inserting sets this CPU's slot to 1 and the others to 0.
+            if SUPPRESSED.insert(workload, 1, 0).is_err() {
+                count(counter::SUPPRESS_LOST);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+pub fn emit(d: &Decided, settings: &Settings) {
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if !admit(d.workload, settings.alerts_per_sec, now) {
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<SocketEvent>(0) else {
+        count(counter::RINGBUF_FULL);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    let uid_gid = bpf_get_current_uid_gid();
+    let mut fl: u16 = if d.denied { flags::DENIED } else { 0 };
+    if d.action == Action::Block && !d.denied {
+        fl |= flags::DOWNGRADED;
+    }
+    // The hooks see the type without SOCK_NONBLOCK/SOCK_CLOEXEC; sys_enter_socket kept them.
+    let mut sock_type = d.sock.sock_type;
+    if let Some(p) = unsafe { PENDING_SOCKET.get(d.pid_tgid) } {
+        if p.family == d.sock.family as u32
+            && p.protocol == d.sock.protocol
+            && p.sock_type & 0xf == d.sock.sock_type & 0xf
+        {
+            sock_type = p.sock_type;
+            fl |= flags::TYPE_FLAGS_KNOWN;
+        }
+    }
+    let _ = PENDING_SOCKET.remove(d.pid_tgid);
+
+    unsafe {
+        (*ev).boot_ns = now;
+        (*ev).cgroup_id = bpf_get_current_cgroup_id();
+        (*ev).exe_dev = d.exe.0;
+        (*ev).exe_ino = d.exe.1;
+        (*ev).host_pid = (d.pid_tgid >> 32) as u32;
+        (*ev).host_tid = d.pid_tgid as u32;
+        (*ev).uid = uid_gid as u32;
+        (*ev).gid = (uid_gid >> 32) as u32;
+        (*ev).workload = d.workload;
+        (*ev).rule = d.rule;
+        (*ev).sock_type = sock_type;
+        (*ev).protocol = d.sock.protocol;
+        (*ev).family = d.sock.family;
+        (*ev).class = d.class as u8;
+        (*ev).action = d.action as u8;
+        (*ev).matched = d.matched;
+        (*ev).enforcer = d.enforcer;
+        (*ev)._pad = [0; 6];
+        (*ev).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        (*ev).host_ppid = 0;
+        (*ev).ns_pid = 0;
+        (*ev).ns_ppid = 0;
+        (*ev).exe_len = 0;
+        (*ev).parent_len = 0;
+        (*ev).cmdline_len = 0;
+
+        if task::offsets_valid() {
+            let (level, ns_pid) = task::ns_tgid(d.current, None).unwrap_or((0, 0));
+            (*ev).ns_pid = ns_pid;
+            match task::exe_file(d.current) {
+                Ok(file) if file != 0 => {
+                    let (n, complete) = task::write_path(file, (*ev).exe.as_mut_ptr());
+                    (*ev).exe_len = n;
+                    if !complete {
+                        fl |= flags::EXE_TRUNCATED;
+                    }
+                }
+                _ => fl |= flags::NO_EXE,
+            }
+            let (n, complete) = task::write_cmdline(d.current, (*ev).cmdline.as_mut_ptr());
+            (*ev).cmdline_len = n;
+            if !complete {
+                fl |= flags::CMDLINE_TRUNCATED;
+            }
+            if let Ok(parent) = task::real_parent(d.current) {
+                (*ev).host_ppid = task::tgid(parent).unwrap_or(0);
+                (*ev).ns_ppid = task::ns_tgid(parent, Some(level)).map(|r| r.1).unwrap_or(0);
+                if let Ok(file) = task::exe_file(parent) {
+                    if file != 0 {
+                        let (n, complete) = task::write_path(file, (*ev).parent_exe.as_mut_ptr());
+                        (*ev).parent_len = n;
+                        if !complete {
+                            fl |= flags::PARENT_TRUNCATED;
+                        }
+                    }
+                }
+            }
+        } else {
+            fl |= flags::NO_EXE;
+        }
+        (*ev).flags = fl;
+    }
+    entry.submit(0);
+}

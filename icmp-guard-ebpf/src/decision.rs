@@ -1,0 +1,179 @@
+//! The one decision both enforcers share: classify, find the workload, look the verdict up.
+//!
+//! Everything here is a constant number of map lookups; userspace has already compiled the
+//! policy into exactly the keys looked up here.
+
+use aya_ebpf::helpers::{
+    bpf_get_current_pid_tgid, bpf_get_current_task,
+    generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
+};
+use icmp_guard_common::{
+    Class, classify,
+    event::matched,
+    maps::{
+        Action, CgroupKey, HOST_WORKLOAD, MAX_CGROUP_DEPTH, RULE_POSTURE, RuleKey, Settings,
+        WorkloadKey, counter,
+    },
+};
+
+use crate::{
+    alert::{self, Decided},
+    maps::{ACTIVE, RULES, SETTINGS, WORKLOAD_OF_CGROUP, WORKLOADS, count},
+    task,
+};
+
+/// The agent's own process: it is never decided on, so it can never lock itself out.
+#[unsafe(no_mangle)]
+pub static AGENT_TGID: u32 = 0;
+
+/// What the hook saw. `sock_type` carries no `SOCK_NONBLOCK`/`SOCK_CLOEXEC`: the kernel strips
+/// them before either hook runs.
+pub struct Socket {
+    pub family: u16,
+    pub sock_type: u32,
+    pub protocol: u32,
+}
+
+/// Returns true when the socket may be created.
+#[inline(always)]
+pub fn decide(sock: &Socket, enforcer: u8) -> bool {
+    let class = classify(sock.family, sock.sock_type, sock.protocol);
+    if class == Class::Unmanaged {
+        return true;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let agent = unsafe { core::ptr::read_volatile(&raw const AGENT_TGID) };
+    if (pid_tgid >> 32) as u32 == agent {
+        return true;
+    }
+    let Some(generation) = ACTIVE.get(0).copied() else {
+        return true;
+    };
+    let generation = generation & 1;
+    let Some(settings) = SETTINGS.get(generation).copied() else {
+        return true;
+    };
+    let workload = find_workload(generation, &settings);
+    let Some(wp) = (unsafe { WORKLOADS.get(WorkloadKey { generation, workload }) }).copied() else {
+        // No policy for this workload: no decision and no event, as in KubeArmor.
+        return true;
+    };
+    let bit = class.bit();
+    if wp.rule_classes & bit == 0 && wp.posture_classes & bit == 0 {
+        return true;
+    }
+    count(counter::DECIDED);
+
+    let current = unsafe { bpf_get_current_task() } as usize;
+    let exe = if task::offsets_valid() {
+        match task::exe_file(current) {
+            Ok(0) => (0, 0),
+            Ok(file) => task::file_identity(file).unwrap_or_else(|_| {
+                count(counter::IDENTITY_ERRORS);
+                (0, 0)
+            }),
+            Err(_) => {
+                count(counter::IDENTITY_ERRORS);
+                (0, 0)
+            }
+        }
+    } else {
+        (0, 0)
+    };
+
+    let mut key = RuleKey {
+        generation,
+        workload,
+        class: class as u8,
+        _pad: [0; 7],
+        exe_dev: exe.0,
+        exe_ino: exe.1,
+    };
+    let mut found = None;
+    if wp.rule_classes & bit != 0 {
+        // An identity of (0, 0) is the "any executable" key itself; never let a caller whose
+        // executable could not be read match a source-specific rule.
+        if exe != (0, 0) {
+            if let Some(v) = unsafe { RULES.get(&key) } {
+                found = Some((v.action, v.rule, matched::CLASS_AND_SOURCE));
+            }
+        }
+        if found.is_none() {
+            key.exe_dev = 0;
+            key.exe_ino = 0;
+            if let Some(v) = unsafe { RULES.get(&key) } {
+                found = Some((v.action, v.rule, matched::CLASS));
+            }
+        }
+    }
+    if found.is_none() && wp.posture_classes & bit != 0 {
+        found = Some((wp.posture_action, RULE_POSTURE, matched::POSTURE));
+    }
+    let Some((action, rule, how)) = found else {
+        return true;
+    };
+    let action = Action::from_u8(action);
+    if action == Action::Allow {
+        return true;
+    }
+    let denied = action == Action::Block && settings.audit_only == 0;
+    if denied {
+        count(counter::BLOCKED);
+    } else {
+        count(counter::AUDITED);
+    }
+    alert::emit(
+        &Decided {
+            sock,
+            class,
+            action,
+            rule,
+            matched: how,
+            workload,
+            enforcer,
+            denied,
+            exe,
+            current,
+            pid_tgid,
+        },
+        &settings,
+    );
+    !denied
+}
+
+/// The workload of the caller: the deepest ancestor of its cgroup (itself included) that the
+/// agent declared, or the host.
+#[inline(always)]
+fn find_workload(generation: u32, settings: &Settings) -> u32 {
+    if settings.has_workloads == 0 {
+        return HOST_WORKLOAD;
+    }
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    if let Some(w) = unsafe {
+        WORKLOAD_OF_CGROUP.get(CgroupKey {
+            generation,
+            _pad: 0,
+            cgroup_id: own,
+        })
+    } {
+        return *w;
+    }
+    // Ancestors from the deepest level up; levels deeper than the caller's cgroup return 0.
+    let mut level = MAX_CGROUP_DEPTH as i32;
+    while level > 0 {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id != 0 {
+            if let Some(w) = unsafe {
+                WORKLOAD_OF_CGROUP.get(CgroupKey {
+                    generation,
+                    _pad: 0,
+                    cgroup_id: id,
+                })
+            } {
+                return *w;
+            }
+        }
+        level -= 1;
+    }
+    HOST_WORKLOAD
+}

@@ -1,0 +1,206 @@
+//! Reading who the caller is out of kernel memory.
+//!
+//! Offsets come from the running kernel's BTF (see `icmp_guard_common::offsets`); every read goes
+//! through `bpf_probe_read_kernel`, so a wrong pointer yields an error, never a crash.
+
+use aya_ebpf::helpers::{
+    bpf_probe_read_kernel,
+    generated::{bpf_probe_read_kernel_str, bpf_probe_read_user},
+};
+use icmp_guard_common::{
+    event::{CMDLINE_BUF, PATH_COMPONENT_MAX, PATH_MAX_DEPTH, PATH_POS_MASK},
+    offsets::KernelOffsets,
+};
+
+#[unsafe(no_mangle)]
+pub static OFFSETS: KernelOffsets = KernelOffsets {
+    task_mm: 0,
+    task_real_parent: 0,
+    task_tgid: 0,
+    task_thread_pid: 0,
+    task_group_leader: 0,
+    mm_exe_file: 0,
+    mm_arg_start: 0,
+    mm_arg_end: 0,
+    file_f_path: 0,
+    file_f_inode: 0,
+    path_mnt: 0,
+    path_dentry: 0,
+    inode_i_ino: 0,
+    inode_i_sb: 0,
+    sb_s_dev: 0,
+    dentry_d_parent: 0,
+    dentry_d_name: 0,
+    qstr_name: 0,
+    vfsmount_mnt_root: 0,
+    mount_mnt: 0,
+    mount_mnt_parent: 0,
+    mount_mnt_mountpoint: 0,
+    pid_level: 0,
+    pid_numbers: 0,
+    upid_nr: 0,
+    upid_size: 0,
+    valid: 0,
+};
+
+macro_rules! off {
+    ($field:ident) => {
+        // Read through a volatile pointer so the compiler keeps the load: the agent patches the
+        // value in the object's .rodata before loading.
+        unsafe { core::ptr::read_volatile(&raw const OFFSETS.$field) as usize }
+    };
+}
+
+#[inline(always)]
+fn read<T: Copy>(base: usize, offset: usize) -> Result<T, i32> {
+    unsafe { bpf_probe_read_kernel((base + offset) as *const T) }
+}
+
+#[inline(always)]
+pub fn offsets_valid() -> bool {
+    off!(valid) == 1
+}
+
+/// `task->mm->exe_file`, or 0 for a task without an address space (kernel threads).
+#[inline(always)]
+pub fn exe_file(task: usize) -> Result<usize, i32> {
+    let mm: usize = read(task, off!(task_mm))?;
+    if mm == 0 {
+        return Ok(0);
+    }
+    read(mm, off!(mm_exe_file))
+}
+
+/// The executable's identity: (`inode->i_sb->s_dev`, `inode->i_ino`).
+///
+/// An inode names the file itself, not a path to it: a copy or a bind mount over the allowed path
+/// has a different identity, a symlink resolves to its target, and a binary started through the
+/// dynamic loader has the loader's identity.
+#[inline(always)]
+pub fn file_identity(file: usize) -> Result<(u64, u64), i32> {
+    let inode: usize = read(file, off!(file_f_inode))?;
+    let ino: u64 = read(inode, off!(inode_i_ino))?;
+    let sb: usize = read(inode, off!(inode_i_sb))?;
+    let dev: u32 = read(sb, off!(sb_s_dev))?;
+    Ok((dev as u64, ino))
+}
+
+pub fn real_parent(task: usize) -> Result<usize, i32> {
+    read(task, off!(task_real_parent))
+}
+
+pub fn tgid(task: usize) -> Result<u32, i32> {
+    read(task, off!(task_tgid))
+}
+
+/// The process id of `task`'s thread group as seen in the pid namespace at `level`
+/// (`None`: the process is not visible there). Returns (own level, pid at `level`).
+#[inline(always)]
+pub fn ns_tgid(task: usize, level: Option<u32>) -> Result<(u32, u32), i32> {
+    let leader: usize = read(task, off!(task_group_leader))?;
+    let pid: usize = read(leader, off!(task_thread_pid))?;
+    let own: u32 = read(pid, off!(pid_level))?;
+    let at = level.unwrap_or(own);
+    if at > own {
+        return Ok((own, 0));
+    }
+    // Pid namespaces nest at most 32 deep (MAX_PID_NS_LEVEL); the mask keeps the read in bounds
+    // for the verifier as well.
+    let slot = (at & 31) as usize;
+    let nr: u32 = read(pid, off!(pid_numbers) + slot * off!(upid_size) + off!(upid_nr))?;
+    Ok((own, nr))
+}
+
+/// Writes the path of `file` into `buf` (at least `PATH_BUF` bytes): components leaf first, each
+/// NUL-terminated, crossing mounts up to the root of the caller's mount namespace.
+/// Returns (bytes written, complete).
+#[inline(always)]
+pub fn write_path(file: usize, buf: *mut u8) -> (u16, bool) {
+    let Ok(mut vfsmount) = read::<usize>(file, off!(file_f_path) + off!(path_mnt)) else {
+        return (0, false);
+    };
+    let Ok(mut dentry) = read::<usize>(file, off!(file_f_path) + off!(path_dentry)) else {
+        return (0, false);
+    };
+    let mut mount = vfsmount.wrapping_sub(off!(mount_mnt));
+    let mut pos: usize = 0;
+    let mut complete = false;
+    for _ in 0..PATH_MAX_DEPTH {
+        let Ok(mnt_root) = read::<usize>(vfsmount, off!(vfsmount_mnt_root)) else {
+            break;
+        };
+        let Ok(parent) = read::<usize>(dentry, off!(dentry_d_parent)) else {
+            break;
+        };
+        if dentry == mnt_root {
+            // At the root of this mount: continue from where it is mounted, unless this is the
+            // namespace's root mount, whose parent is itself.
+            let Ok(mnt_parent) = read::<usize>(mount, off!(mount_mnt_parent)) else {
+                break;
+            };
+            if mnt_parent == mount {
+                complete = true;
+                break;
+            }
+            let Ok(mountpoint) = read::<usize>(mount, off!(mount_mnt_mountpoint)) else {
+                break;
+            };
+            dentry = mountpoint;
+            mount = mnt_parent;
+            vfsmount = mount + off!(mount_mnt);
+            continue;
+        }
+        if dentry == parent {
+            // The root of a filesystem that is not the root of its mount: a disconnected dentry.
+            // Report what was found as incomplete rather than invent the rest.
+            break;
+        }
+        if pos > PATH_POS_MASK {
+            break;
+        }
+        let Ok(name) = read::<usize>(dentry, off!(dentry_d_name) + off!(qstr_name)) else {
+            break;
+        };
+        let n = unsafe {
+            bpf_probe_read_kernel_str(
+                buf.add(pos & PATH_POS_MASK).cast(),
+                PATH_COMPONENT_MAX as u32,
+                name as *const _,
+            )
+        };
+        if n <= 0 {
+            break;
+        }
+        pos += n as usize;
+        dentry = parent;
+    }
+    (pos.min(u16::MAX as usize) as u16, complete)
+}
+
+/// Copies the command line (`mm->arg_start..arg_end`, NUL-separated arguments) of the current
+/// task into `buf` (`CMDLINE_BUF` bytes). Returns (bytes copied, complete).
+#[inline(always)]
+pub fn write_cmdline(task: usize, buf: *mut u8) -> (u16, bool) {
+    let Ok(mm) = read::<usize>(task, off!(task_mm)) else {
+        return (0, false);
+    };
+    if mm == 0 {
+        return (0, true);
+    }
+    let (Ok(start), Ok(end)) = (
+        read::<usize>(mm, off!(mm_arg_start)),
+        read::<usize>(mm, off!(mm_arg_end)),
+    ) else {
+        return (0, false);
+    };
+    if end <= start {
+        return (0, true);
+    }
+    let want = end - start;
+    let len = want.min(CMDLINE_BUF - 1) & (CMDLINE_BUF - 1);
+    let rc = unsafe { bpf_probe_read_user(buf.cast(), len as u32, start as *const _) };
+    if rc != 0 {
+        return (0, false);
+    }
+    (len as u16, len == want)
+}

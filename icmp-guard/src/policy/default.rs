@@ -1,0 +1,1 @@
+//! The embedded default policy. (Being written.)
