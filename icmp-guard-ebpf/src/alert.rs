@@ -31,6 +31,7 @@ pub struct Decided<'a> {
     pub exe: (u64, u64),
     pub current: usize,
     pub pid_tgid: u64,
+    pub generation: u32,
 }
 
 const WINDOW_NS: u64 = 1_000_000_000;
@@ -136,7 +137,8 @@ pub fn emit(d: &Decided, settings: &Settings) {
         (*ev).action = d.action as u8;
         (*ev).matched = d.matched;
         (*ev).enforcer = d.enforcer;
-        (*ev)._pad = [0; 6];
+        (*ev).generation = d.generation as u8;
+        (*ev)._pad = [0; 5];
         (*ev).comm = bpf_get_current_comm().unwrap_or([0; 16]);
         (*ev).host_ppid = 0;
         (*ev).ns_pid = 0;

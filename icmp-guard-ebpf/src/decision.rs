@@ -135,6 +135,7 @@ pub fn decide(sock: &Socket, enforcer: u8) -> bool {
             exe,
             current,
             pid_tgid,
+            generation,
         },
         &settings,
     );

@@ -1,4 +1,13 @@
 //! icmp-guard: the agent and CLI. See README.md for what each module is for.
+#[cfg(any())] // enabled once config.rs lands
+pub mod agent;
+pub mod alert;
 pub mod audit;
+pub mod compile;
 pub mod config;
+pub mod enforcer;
+pub mod identity;
+pub mod kernel_offsets;
 pub mod policy;
+pub mod probe;
+pub mod workload;

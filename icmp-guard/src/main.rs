@@ -1,1 +1,41 @@
-fn main() {}
+//! The `icmp-guard` command.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "icmp-guard",
+    version,
+    about = "Keeps ICMP and raw-packet sockets to the programs meant to have them, with \
+             KubeArmor-compatible policies and alerts"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: enforce a policy in the kernel and stream alerts as JSON lines.
+    /// Report what this kernel supports and which enforcer `run` would pick.
+    Probe(icmp_guard::probe::ProbeArgs),
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Probe(args) => icmp_guard::probe::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("icmp-guard: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -46,7 +46,9 @@ pub struct Policy {
 pub enum Target {
     /// `KubeArmorHostPolicy`: the host's processes that are in no workload, on nodes whose
     /// labels match.
-    Host { node_selector: BTreeMap<String, String> },
+    Host {
+        node_selector: BTreeMap<String, String>,
+    },
     /// `KubeArmorPolicy`: the workloads of `namespace` that the selector matches.
     Workloads(Selector),
 }
@@ -89,4 +91,6 @@ pub struct Rule {
 }
 
 pub mod default;
+pub mod diagnostics;
 pub mod kubearmor;
+pub(crate) mod yaml;

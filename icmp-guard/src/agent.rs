@@ -1,0 +1,559 @@
+//! `icmp-guard run`: start the enforcer, apply the policy, stream alerts, keep the policy fresh.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::Write,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use log::{error, info, warn};
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
+
+use crate::{
+    alert::{self, Alert},
+    compile::{self, Compiled, Postures},
+    config::AgentConfig,
+    enforcer::{Counters, Enforcer, EnforcerChoice, Options},
+    identity::Resolver,
+    kernel_offsets,
+    policy::{self, Action, PolicySet},
+    workload::{self, Workload},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Refuse what the policy blocks.
+    Enforce,
+    /// Refuse nothing; report every Block as `Audit (Block)`.
+    Audit,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// KubeArmorPolicy / KubeArmorHostPolicy YAML file or directory. Without it, the embedded
+    /// default policy is enforced (see README).
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// Agent configuration: cluster name, node labels, postures, workloads.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub enforcer: EnforcerChoice,
+    /// Where alerts go as JSON lines: a file (appended to) or `-` for stdout.
+    #[arg(long, default_value = "-")]
+    pub output: String,
+    #[arg(long, value_enum, default_value = "enforce")]
+    pub mode: Mode,
+    /// cgroup v2 directory the cgroup enforcer attaches to (default: the cgroup v2 root, i.e.
+    /// every process). Ignored by the LSM enforcer, which sees the whole machine.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// How often policy files and fromSource paths are checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    pub refresh_ms: u64,
+}
+
+/// Everything a policy compilation needs besides the policies themselves.
+struct Environment {
+    workloads: Vec<Workload>,
+    node_labels: BTreeMap<String, String>,
+    postures: Postures,
+    alerts_per_sec: u32,
+    audit_only: bool,
+}
+
+/// Where policies come from, and how to tell whether they changed.
+enum PolicySource {
+    Embedded,
+    Path(PathBuf),
+}
+
+impl PolicySource {
+    fn load(&self) -> Result<PolicySet> {
+        match self {
+            PolicySource::Embedded => Ok(policy::default::policy_set()),
+            PolicySource::Path(p) => {
+                let loaded = policy::kubearmor::load(p)
+                    .map_err(|e| anyhow!("{e}\nfix the policy files above; nothing was applied"))?;
+                for w in &loaded.warnings {
+                    warn!("{w}");
+                }
+                Ok(loaded.set)
+            }
+        }
+    }
+
+    /// (path, modified, len) of every policy file: a cheap change detector.
+    fn fingerprint(&self) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+        let PolicySource::Path(root) = self else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut stack = vec![root.clone()];
+        while let Some(p) = stack.pop() {
+            let Ok(meta) = std::fs::metadata(&p) else {
+                out.push((p, None, 0));
+                continue;
+            };
+            if meta.is_dir() {
+                if let Ok(rd) = std::fs::read_dir(&p) {
+                    stack.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()));
+                }
+            } else {
+                out.push((p, meta.modified().ok(), meta.len()));
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+fn environment(config: &AgentConfig, mode: Mode) -> Result<Environment> {
+    let mount = workload::cgroup2_mount()?;
+    let mut workloads = Vec::new();
+    for (i, spec) in config.workloads.iter().enumerate() {
+        let path = workload::cgroup_path(&mount, &spec.cgroup)
+            .with_context(|| format!("workload {} ({})", spec.name, spec.origin))?;
+        let cgroup_id = workload::ensure_cgroup(&path)
+            .with_context(|| format!("workload {} ({})", spec.name, spec.origin))?;
+        workloads.push(Workload {
+            id: i as u32 + 1,
+            name: spec.name.clone(),
+            namespace: spec.namespace.clone(),
+            labels: spec.labels.clone(),
+            pod: spec.pod.clone(),
+            container: spec.container.clone(),
+            cgroup: path,
+            cgroup_id,
+        });
+    }
+    let mut node_labels = config.node_labels.clone();
+    node_labels
+        .entry("kubernetes.io/hostname".into())
+        .or_insert_with(|| config.host_name.clone().unwrap_or_else(hostname));
+    node_labels
+        .entry("kubernetes.io/os".into())
+        .or_insert_with(|| "linux".into());
+    let to_action = |p: crate::config::Posture| match p {
+        crate::config::Posture::Block => Action::Block,
+        crate::config::Posture::Audit => Action::Audit,
+    };
+    Ok(Environment {
+        workloads,
+        node_labels,
+        postures: Postures {
+            workloads: to_action(config.default_posture),
+            host: to_action(config.host_default_posture),
+            namespaces: config
+                .namespace_postures
+                .iter()
+                .map(|(k, v)| (k.clone(), to_action(*v)))
+                .collect(),
+            scope: match config.posture_scope {
+                crate::config::PostureScope::Protocol => compile::PostureScope::Protocol,
+                crate::config::PostureScope::Workload => compile::PostureScope::Workload,
+            },
+        },
+        alerts_per_sec: config.alerts_per_second,
+        audit_only: mode == Mode::Audit,
+    })
+}
+
+fn compile_with(set: &PolicySet, env: &Environment) -> Result<Compiled> {
+    let resolver = Resolver::host()?;
+    compile::compile(
+        &compile::Input {
+            policies: set,
+            workloads: &env.workloads,
+            node_labels: &env.node_labels,
+            postures: &env.postures,
+            audit_only: env.audit_only,
+            alerts_per_sec: env.alerts_per_sec,
+        },
+        &resolver,
+    )
+}
+
+fn report_unresolved(c: &Compiled, embedded: bool) {
+    for u in &c.unresolved {
+        if embedded {
+            // The default lists every usual install location; most are absent on any one node.
+            log::debug!(
+                "default policy: {} not present ({})",
+                u.path.display(),
+                u.error
+            );
+        } else {
+            warn!(
+                "{}: fromSource {} does not resolve ({}); no process can be running it now, and \
+                 the rule applies as soon as it appears",
+                u.origin,
+                u.path.display(),
+                u.error
+            );
+        }
+    }
+}
+
+/// The identities of every source path, to notice a replaced binary (package upgrade).
+fn source_identities(c: &Compiled) -> Vec<Option<crate::identity::ExecutableId>> {
+    let Ok(r) = Resolver::host() else {
+        return Vec::new();
+    };
+    c.sources.iter().map(|p| r.resolve(p).ok()).collect()
+}
+
+struct Shared {
+    enforcer: Mutex<Enforcer>,
+    context: std::sync::RwLock<alert::Context>,
+    dropped_in_userspace: AtomicU64,
+    limit: u32,
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    crate::enforcer::check_root()?;
+    let config = match &args.config {
+        Some(p) => crate::config::load(p).map_err(|e| anyhow!("{e}"))?,
+        None => AgentConfig::default(),
+    };
+    let env = environment(&config, args.mode)?;
+    let source = match &args.policy {
+        Some(p) => PolicySource::Path(p.clone()),
+        None => PolicySource::Embedded,
+    };
+    let set = source.load()?;
+    let compiled = compile_with(&set, &env)?;
+    report_unresolved(&compiled, matches!(source, PolicySource::Embedded));
+
+    let offsets = kernel_offsets::from_running_kernel()?;
+    let cgroup = match &args.cgroup {
+        Some(c) => c.clone(),
+        None => workload::cgroup2_mount()?,
+    };
+    let mut enforcer = Enforcer::start(
+        &Options {
+            choice: args.enforcer,
+            cgroup: &cgroup,
+        },
+        &offsets,
+    )?;
+    enforcer.apply(&compiled)?;
+    let generation = enforcer.active_generation();
+    info!(
+        "enforcing with the {} enforcer{}: {} policies, {} kernel rules, {} workloads, mode {:?}",
+        enforcer.kind.name(),
+        enforcer
+            .attached_cgroup
+            .as_ref()
+            .map(|c| format!(" on cgroup {}", c.display()))
+            .unwrap_or_default(),
+        set.policies.len(),
+        compiled.rules.len(),
+        env.workloads.len(),
+        args.mode,
+    );
+    for blind in enforcer.kind.blind_spots() {
+        warn!("the {} enforcer cannot see {blind}", enforcer.kind.name());
+    }
+    let events = enforcer.take_events()?;
+    let mut rules: [Arc<Vec<compile::RuleInfo>>; 2] = Default::default();
+    rules[generation as usize] = Arc::new(compiled.rules_info.clone());
+    let shared = Arc::new(Shared {
+        context: std::sync::RwLock::new(alert::Context {
+            cluster_name: config.cluster_name.clone(),
+            host_name: config.host_name.clone().unwrap_or_else(hostname),
+            enforcer: enforcer.kind,
+            boot_to_unix_ns: alert::boot_to_unix_ns(),
+            workloads: env.workloads.iter().map(|w| (w.id, w.clone())).collect(),
+            rules,
+        }),
+        enforcer: Mutex::new(enforcer),
+        dropped_in_userspace: AtomicU64::new(0),
+        limit: env.alerts_per_sec,
+    });
+
+    let out: Box<dyn Write + Send> = if args.output == "-" {
+        Box::new(std::io::stdout())
+    } else {
+        Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&args.output)
+                .with_context(|| format!("opening alert output {}", args.output))?,
+        )
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(
+        shared,
+        events,
+        out,
+        source,
+        env,
+        compiled,
+        args.refresh_ms,
+    ))
+}
+
+async fn serve(
+    shared: Arc<Shared>,
+    events: aya::maps::RingBuf<aya::maps::MapData>,
+    mut out: Box<dyn Write + Send>,
+    source: PolicySource,
+    env: Environment,
+    compiled: Compiled,
+    refresh_ms: u64,
+) -> Result<()> {
+    // Bounded: a stalled output must not grow memory without limit. What does not fit is
+    // counted and announced, never silently lost.
+    let (tx, mut rx) = mpsc::channel::<Alert>(4096);
+
+    let writer = tokio::task::spawn_blocking(move || -> Result<()> {
+        while let Some(a) = rx.blocking_recv() {
+            serde_json::to_writer(&mut out, &a)?;
+            out.write_all(b"\n")?;
+            out.flush()?;
+        }
+        Ok(())
+    });
+
+    let reader = {
+        let shared = shared.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut fd = AsyncFd::with_interest(events, tokio::io::Interest::READABLE)?;
+            loop {
+                let mut guard = fd.readable_mut().await?;
+                let rb = guard.get_inner_mut();
+                while let Some(item) = rb.next() {
+                    let Some(ev) = alert::decode(&item) else {
+                        warn!(
+                            "ring buffer record of {} bytes is too short; skipped",
+                            item.len()
+                        );
+                        continue;
+                    };
+                    let a = shared.context.read().expect("context lock").alert(&ev);
+                    if tx.try_send(a).is_err() {
+                        shared.dropped_in_userspace.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                guard.clear_ready();
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), anyhow::Error>(())
+        })
+    };
+
+    let accounting = {
+        let shared = shared.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut seen = Losses::default();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                announce_losses(&shared, &tx, &mut seen).await;
+            }
+        })
+    };
+
+    let refresher = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut state = RefreshState {
+                fingerprint: source.fingerprint(),
+                identities: source_identities(&compiled),
+                compiled,
+            };
+            let mut tick = tokio::time::interval(Duration::from_millis(refresh_ms.max(50)));
+            loop {
+                tick.tick().await;
+                refresh(&shared, &source, &env, &mut state).await;
+            }
+        })
+    };
+
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping"),
+        _ = int.recv() => info!("SIGINT: stopping"),
+        r = reader => error!("alert reader stopped: {r:?}"),
+    }
+    refresher.abort();
+    accounting.abort();
+    // A last account, so that what was lost just before stopping is still reported.
+    let mut seen = Losses::default();
+    announce_losses(&shared, &tx, &mut seen).await;
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    let counters = shared.enforcer.lock().expect("enforcer lock").counters()?;
+    info!(
+        "stopped; kernel counters: decided {}, blocked {}, audited {}, ring buffer full {}, \
+         identity read errors {}; the programs are detached and every socket is allowed again",
+        counters.decided,
+        counters.blocked,
+        counters.audited,
+        counters.ringbuf_full,
+        counters.identity_errors
+    );
+    Ok(())
+}
+
+#[derive(Default)]
+struct Losses {
+    suppressed: HashMap<u32, u64>,
+    counters: Counters,
+    userspace: u64,
+}
+
+async fn announce_losses(shared: &Shared, tx: &mpsc::Sender<Alert>, seen: &mut Losses) {
+    let (suppressed, counters) = {
+        let mut e = shared.enforcer.lock().expect("enforcer lock");
+        (e.suppressed(), e.counters())
+    };
+    let mut events = Vec::new();
+    {
+        let ctx = shared.context.read().expect("context lock");
+        if let Ok(suppressed) = suppressed {
+            for (w, total) in suppressed {
+                let before = seen.suppressed.insert(w, total).unwrap_or(0);
+                if total > before {
+                    events.push(ctx.loss_event(
+                        "suppressed by the alert rate limit",
+                        total - before,
+                        Some(w),
+                        shared.limit,
+                    ));
+                }
+            }
+        }
+        if let Ok(c) = counters {
+            if c.ringbuf_full > seen.counters.ringbuf_full {
+                events.push(ctx.loss_event(
+                    "lost because the kernel ring buffer was full",
+                    c.ringbuf_full - seen.counters.ringbuf_full,
+                    None,
+                    shared.limit,
+                ));
+            }
+            if c.suppress_lost > seen.counters.suppress_lost {
+                events.push(ctx.loss_event(
+                    "suppressed while the per-workload suppression map was full",
+                    c.suppress_lost - seen.counters.suppress_lost,
+                    None,
+                    shared.limit,
+                ));
+            }
+            seen.counters = c;
+        }
+        let userspace = shared.dropped_in_userspace.load(Ordering::Relaxed);
+        if userspace > seen.userspace {
+            events.push(ctx.loss_event(
+                "dropped because the alert output could not keep up",
+                userspace - seen.userspace,
+                None,
+                shared.limit,
+            ));
+            seen.userspace = userspace;
+        }
+    }
+    for e in events {
+        warn!("{}", e.message);
+        // Loss reports wait for room: they are the record of what was lost.
+        let _ = tx.send(e).await;
+    }
+}
+
+struct RefreshState {
+    fingerprint: Vec<(PathBuf, Option<SystemTime>, u64)>,
+    identities: Vec<Option<crate::identity::ExecutableId>>,
+    compiled: Compiled,
+}
+
+/// Hot reload and source tracking in one place: a changed policy file or a replaced binary both
+/// lead to a full recompilation, validated before anything is applied.
+async fn refresh(
+    shared: &Arc<Shared>,
+    source: &PolicySource,
+    env: &Environment,
+    st: &mut RefreshState,
+) {
+    let fingerprint = source.fingerprint();
+    let identities = source_identities(&st.compiled);
+    let policy_changed = fingerprint != st.fingerprint;
+    let sources_changed = identities != st.identities;
+    if !policy_changed && !sources_changed {
+        return;
+    }
+    st.fingerprint = fingerprint;
+    let set = match source.load() {
+        Ok(s) => s,
+        Err(e) => {
+            error!("policy reload refused, the previous policy stays in force:\n{e:#}");
+            RELOADS_REFUSED.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    let compiled = match compile_with(&set, env) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("policy reload refused, the previous policy stays in force: {e:#}");
+            RELOADS_REFUSED.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    report_unresolved(&compiled, matches!(source, PolicySource::Embedded));
+    let shared2 = shared.clone();
+    let c2 = compiled.clone();
+    let applied = tokio::task::spawn_blocking(move || -> Result<u32> {
+        let mut e = shared2.enforcer.lock().expect("enforcer lock");
+        e.apply(&c2)?;
+        let g = e.active_generation();
+        shared2.context.write().expect("context lock").rules[g as usize] =
+            Arc::new(c2.rules_info.clone());
+        Ok(g)
+    })
+    .await;
+    match applied {
+        Ok(Ok(g)) => {
+            let n = RELOADS.fetch_add(1, Ordering::Relaxed) + 1;
+            info!(
+                "policy {} applied as generation {g} (reload #{n}): {} kernel rules",
+                if policy_changed {
+                    "change"
+                } else {
+                    "refresh after a fromSource binary changed"
+                },
+                compiled.rules.len()
+            );
+            st.identities = source_identities(&compiled);
+            st.compiled = compiled;
+        }
+        Ok(Err(e)) => {
+            RELOADS_REFUSED.fetch_add(1, Ordering::Relaxed);
+            error!("{e:#}");
+        }
+        Err(e) => error!("policy apply task failed: {e}"),
+    }
+}
+
+static RELOADS: AtomicU64 = AtomicU64::new(0);
+static RELOADS_REFUSED: AtomicU64 = AtomicU64::new(0);

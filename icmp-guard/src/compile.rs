@@ -1,0 +1,308 @@
+//! Policy compilation: a [`PolicySet`] and the workloads → the exact map entries the kernel
+//! programs look up.
+//!
+//! All policy logic lives here, in userspace: which policies select which workload, how Block,
+//! Audit and Allow combine, allow-list mode and the default posture. The kernel only does
+//! "(workload, class, executable) → verdict, else (workload, class) → verdict, else posture".
+
+use std::{
+    collections::{BTreeMap, BTreeSet, btree_map::Entry},
+    path::PathBuf,
+};
+
+use anyhow::{Result, bail};
+use icmp_guard_common::{
+    Class,
+    maps::{
+        HOST_WORKLOAD, MAX_RULES, MAX_WORKLOAD_CGROUPS, MAX_WORKLOADS, Settings, WorkloadPolicy,
+    },
+};
+
+use crate::{
+    identity::{ExecutableId, Resolver},
+    policy::{Action, LabelOperator, Origin, Policy, PolicySet, Selector, Target},
+    workload::Workload,
+};
+
+/// Which sockets allow-list mode puts under the default posture.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PostureScope {
+    /// Only the classes named by the workload's Allow rules: allowing icmp from ping leaves
+    /// nginx's tcp alone.
+    #[default]
+    Protocol,
+    /// KubeArmor's behaviour: every managed class of the workload.
+    Workload,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Postures {
+    /// Default posture of workloads (KubeArmor `defaultNetworkPosture`).
+    pub workloads: Action,
+    /// Default posture of the host (KubeArmor `hostDefaultNetworkPosture`).
+    pub host: Action,
+    /// Per-namespace override (KubeArmor's `kubearmor-network-posture` annotation).
+    pub namespaces: BTreeMap<String, Action>,
+    pub scope: PostureScope,
+}
+
+impl Default for Postures {
+    fn default() -> Self {
+        Self {
+            workloads: Action::Block,
+            host: Action::Block,
+            namespaces: BTreeMap::new(),
+            scope: PostureScope::Protocol,
+        }
+    }
+}
+
+/// What an alert needs to know about the rule that decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleInfo {
+    pub policy: String,
+    pub namespace: Option<String>,
+    pub host: bool,
+    pub protocol: String,
+    pub action: Action,
+    pub severity: Option<u8>,
+    pub tags: Vec<String>,
+    pub message: Option<String>,
+    pub origin: Origin,
+}
+
+/// One lookup key without its generation: `exe == None` is the any-executable key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RuleSlot {
+    pub workload: u32,
+    pub class: Class,
+    pub exe: Option<ExecutableId>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompiledVerdict {
+    pub action: Action,
+    /// Index into [`Compiled::rules_info`].
+    pub rule: u32,
+}
+
+/// A `fromSource` path that names no file right now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unresolved {
+    pub path: PathBuf,
+    pub origin: Origin,
+    pub error: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Compiled {
+    pub settings: Settings,
+    pub cgroups: Vec<(u64, u32)>,
+    pub workloads: BTreeMap<u32, WorkloadPolicy>,
+    pub rules: BTreeMap<RuleSlot, CompiledVerdict>,
+    pub rules_info: Vec<RuleInfo>,
+    pub unresolved: Vec<Unresolved>,
+    /// Every source path, resolved or not: watched so that a replaced or newly installed binary
+    /// is picked up.
+    pub sources: BTreeSet<PathBuf>,
+}
+
+pub struct Input<'a> {
+    pub policies: &'a PolicySet,
+    pub workloads: &'a [Workload],
+    pub node_labels: &'a BTreeMap<String, String>,
+    pub postures: &'a Postures,
+    pub audit_only: bool,
+    pub alerts_per_sec: u32,
+}
+
+/// Strictness when two rules give the same key different actions: Block beats Audit beats Allow.
+fn rank(a: Action) -> u8 {
+    match a {
+        Action::Allow => 0,
+        Action::Audit => 1,
+        Action::Block => 2,
+    }
+}
+
+pub fn compile(input: &Input, resolver: &Resolver) -> Result<Compiled> {
+    let mut out = Compiled {
+        settings: Settings {
+            audit_only: input.audit_only as u8,
+            has_workloads: !input.workloads.is_empty() as u8,
+            _pad: [0; 2],
+            alerts_per_sec: input.alerts_per_sec,
+        },
+        ..Default::default()
+    };
+    if input.workloads.len() + 1 > (MAX_WORKLOADS / 2) as usize {
+        bail!(
+            "{} workloads declared; at most {} fit in the kernel maps",
+            input.workloads.len(),
+            MAX_WORKLOADS / 2 - 1
+        );
+    }
+    for w in input.workloads {
+        out.cgroups.push((w.cgroup_id, w.id));
+    }
+    if out.cgroups.len() > (MAX_WORKLOAD_CGROUPS / 2) as usize {
+        bail!("too many workload cgroups for the kernel maps");
+    }
+
+    let mut resolved: BTreeMap<PathBuf, Option<ExecutableId>> = BTreeMap::new();
+    let mut resolve = |path: &PathBuf, origin: &Origin, out: &mut Compiled| {
+        out.sources.insert(path.clone());
+        *resolved
+            .entry(path.clone())
+            .or_insert_with(|| match resolver.resolve(path) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    out.unresolved.push(Unresolved {
+                        path: path.clone(),
+                        origin: origin.clone(),
+                        error: e.to_string(),
+                    });
+                    None
+                }
+            })
+    };
+
+    // The host is workload 0; declared workloads follow.
+    let mut targets: Vec<(u32, Option<&Workload>)> = vec![(HOST_WORKLOAD, None)];
+    targets.extend(input.workloads.iter().map(|w| (w.id, Some(w))));
+
+    for (wid, workload) in targets {
+        let selected: Vec<&Policy> = input
+            .policies
+            .policies
+            .iter()
+            .filter(|p| selects(p, workload, input.node_labels))
+            .collect();
+        if selected.is_empty() {
+            // No policy at all: no decisions and no events for this workload.
+            continue;
+        }
+        let mut allow_classes: u16 = 0;
+        let mut rule_classes: u16 = 0;
+        for policy in selected {
+            for rule in &policy.rules {
+                let info = RuleInfo {
+                    policy: policy.name.clone(),
+                    namespace: policy.namespace.clone(),
+                    host: matches!(policy.target, Target::Host { .. }),
+                    protocol: rule.protocol.clone(),
+                    action: rule.action,
+                    severity: rule.severity,
+                    tags: rule.tags.clone(),
+                    message: rule.message.clone(),
+                    origin: rule.origin.clone(),
+                };
+                let index = out.rules_info.len() as u32;
+                out.rules_info.push(info);
+                let exes: Vec<Option<ExecutableId>> = if rule.sources.is_empty() {
+                    vec![None]
+                } else {
+                    rule.sources
+                        .iter()
+                        .filter_map(|s| resolve(s, &rule.origin, &mut out).map(Some))
+                        .collect()
+                };
+                for &class in &rule.classes {
+                    if rule.action == Action::Allow {
+                        allow_classes |= class.bit();
+                    }
+                    for &exe in &exes {
+                        rule_classes |= class.bit();
+                        let slot = RuleSlot {
+                            workload: wid,
+                            class,
+                            exe,
+                        };
+                        let verdict = CompiledVerdict {
+                            action: rule.action,
+                            rule: index,
+                        };
+                        match out.rules.entry(slot) {
+                            Entry::Vacant(v) => {
+                                v.insert(verdict);
+                            }
+                            Entry::Occupied(mut o) => {
+                                if rank(verdict.action) > rank(o.get().action) {
+                                    o.insert(verdict);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let posture = match workload {
+            None => input.postures.host,
+            Some(w) => input
+                .postures
+                .namespaces
+                .get(&w.namespace)
+                .copied()
+                .unwrap_or(input.postures.workloads),
+        };
+        let posture_classes = if allow_classes == 0 {
+            0
+        } else {
+            match input.postures.scope {
+                PostureScope::Protocol => allow_classes,
+                PostureScope::Workload => Class::ALL_MANAGED.iter().fold(0, |m, c| m | c.bit()),
+            }
+        };
+        out.workloads.insert(
+            wid,
+            WorkloadPolicy {
+                rule_classes,
+                posture_classes,
+                posture_action: posture as u8,
+                _pad: [0; 3],
+            },
+        );
+    }
+    if out.rules.len() > (MAX_RULES / 2) as usize {
+        bail!(
+            "the policies compile to {} kernel rules; at most {} fit (each class × source × \
+             workload is one rule)",
+            out.rules.len(),
+            MAX_RULES / 2
+        );
+    }
+    Ok(out)
+}
+
+fn selects(
+    policy: &Policy,
+    workload: Option<&Workload>,
+    node_labels: &BTreeMap<String, String>,
+) -> bool {
+    match (&policy.target, workload) {
+        (Target::Host { node_selector }, None) => node_selector
+            .iter()
+            .all(|(k, v)| node_labels.get(k) == Some(v)),
+        (Target::Workloads(sel), Some(w)) => {
+            policy.namespace.as_deref().unwrap_or("default") == w.namespace
+                && selector_matches(sel, &w.labels)
+        }
+        _ => false,
+    }
+}
+
+/// `matchLabels` must all match; `matchExpressions` items (key `label`) hold `k=v` or `k` values:
+/// `In` needs one of them present, `NotIn` none.
+pub fn selector_matches(sel: &Selector, labels: &BTreeMap<String, String>) -> bool {
+    let has = |value: &str| match value.split_once('=') {
+        Some((k, v)) => labels.get(k).map(String::as_str) == Some(v),
+        None => labels.contains_key(value),
+    };
+    sel.match_labels
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v))
+        && sel.match_expressions.iter().all(|e| match e.operator {
+            LabelOperator::In => e.values.iter().any(|v| has(v)),
+            LabelOperator::NotIn => !e.values.iter().any(|v| has(v)),
+        })
+}

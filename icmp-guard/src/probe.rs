@@ -1,0 +1,129 @@
+//! `icmp-guard probe`: what this kernel supports, found by trying rather than by reading
+//! configuration files (a kernel can list `bpf` in its LSMs and still refuse LSM programs).
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::{
+    enforcer::{self, EnforcerKind},
+    kernel_offsets, workload,
+};
+
+#[derive(clap::Args, Debug)]
+pub struct ProbeArgs {
+    /// Print a JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub kernel: String,
+    pub btf: bool,
+    /// Whether every kernel struct field the programs read was found in BTF.
+    pub kernel_offsets: Result<(), String>,
+    /// Result of actually loading the LSM program.
+    pub lsm_program_loads: Result<(), String>,
+    pub lsm_list: Option<String>,
+    pub cgroup2_mount: Result<String, String>,
+    pub bpffs_mounted: bool,
+    pub socket_tracepoint: bool,
+    pub auto_enforcer: Option<String>,
+    pub blind_spots: Vec<String>,
+}
+
+pub fn collect() -> Report {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let btf = Path::new(kernel_offsets::VMLINUX_BTF).exists();
+    let kernel_offsets = kernel_offsets::from_running_kernel()
+        .map(|_| ())
+        .map_err(|e| format!("{e:#}"));
+    let lsm_program_loads = enforcer::probe_lsm().map_err(|e| format!("{e:#}"));
+    let lsm_list = std::fs::read_to_string("/sys/kernel/security/lsm").ok();
+    let cgroup2_mount = workload::cgroup2_mount()
+        .map(|p| p.display().to_string())
+        .map_err(|e| format!("{e:#}"));
+    let bpffs_mounted = std::fs::read_to_string("/proc/self/mounts")
+        .map(|m| {
+            m.lines()
+                .any(|l| l.split_whitespace().nth(2) == Some("bpf"))
+        })
+        .unwrap_or(false);
+    let socket_tracepoint = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .any(|t| {
+            Path::new(t)
+                .join("events/syscalls/sys_enter_socket")
+                .exists()
+        })
+        || Path::new("/sys/kernel/tracing").exists();
+    let auto = if lsm_program_loads.is_ok() {
+        Some(EnforcerKind::Lsm)
+    } else if cgroup2_mount.is_ok() {
+        Some(EnforcerKind::Cgroup)
+    } else {
+        None
+    };
+    Report {
+        kernel,
+        btf,
+        kernel_offsets,
+        lsm_program_loads,
+        lsm_list,
+        cgroup2_mount,
+        bpffs_mounted,
+        socket_tracepoint,
+        auto_enforcer: auto.map(|k| k.name().to_string()),
+        blind_spots: auto
+            .map(|k| k.blind_spots().iter().map(|s| s.to_string()).collect())
+            .unwrap_or_default(),
+    }
+}
+
+pub fn run(args: &ProbeArgs) -> Result<()> {
+    enforcer::check_root()?;
+    let r = collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    let yes_no = |ok: bool| if ok { "yes" } else { "no" };
+    println!("kernel                 {}", r.kernel);
+    println!("BTF                    {}", yes_no(r.btf));
+    match &r.kernel_offsets {
+        Ok(()) => println!("kernel struct offsets  resolved from BTF"),
+        Err(e) => println!("kernel struct offsets  NOT resolved: {e}"),
+    }
+    match &r.lsm_program_loads {
+        Ok(()) => println!("LSM programs           load"),
+        Err(e) => println!("LSM programs           refused: {e}"),
+    }
+    if let Some(l) = &r.lsm_list {
+        println!("active LSMs            {}", l.trim());
+    }
+    match &r.cgroup2_mount {
+        Ok(p) => println!("cgroup v2              {p}"),
+        Err(e) => println!("cgroup v2              missing: {e}"),
+    }
+    println!(
+        "bpffs                  {}",
+        if r.bpffs_mounted {
+            "mounted"
+        } else {
+            "not mounted (not needed: icmp-guard pins nothing)"
+        }
+    );
+    println!("socket tracepoint      {}", yes_no(r.socket_tracepoint));
+    match &r.auto_enforcer {
+        Some(k) => println!("--enforcer auto picks  {k}"),
+        None => println!("--enforcer auto picks  nothing: neither LSM nor cgroup v2 is usable"),
+    }
+    for b in &r.blind_spots {
+        println!("  cannot see: {b}");
+    }
+    Ok(())
+}
