@@ -1,14 +1,14 @@
 //! The record a kernel program writes into the ring buffer for every Audit or Block decision.
 
-/// Bytes reserved for an executable path. Path components are written leaf first, each followed
-/// by a NUL; the agent reverses them. Writes start at `pos & PATH_POS_MASK` and copy at most
-/// [`PATH_COMPONENT_MAX`] bytes, so the buffer is `PATH_POS_MASK + 1 + PATH_COMPONENT_MAX` long:
-/// the verifier can prove every write in bounds.
-pub const PATH_POS_MASK: usize = 1023;
-pub const PATH_COMPONENT_MAX: usize = 256;
-pub const PATH_BUF: usize = PATH_POS_MASK + 1 + PATH_COMPONENT_MAX;
-/// Deepest path the kernel walks (components, mount crossings included).
-pub const PATH_MAX_DEPTH: u32 = 48;
+/// An executable path is captured as one fixed slot per step of the kernel's walk from the file
+/// up to the root, leaf first: step `i` writes its component (NUL-terminated, at most
+/// `PATH_COMPONENT_MAX - 1` bytes) at `i * PATH_COMPONENT_MAX`, and a step that crosses a mount
+/// writes an empty slot. Fixed slots keep every iteration of the walk identical for the
+/// verifier whichever branch it took, so it can prune instead of exploring every combination.
+pub const PATH_COMPONENT_MAX: usize = 128;
+/// Deepest walk (path components plus mount crossings).
+pub const PATH_MAX_DEPTH: usize = 32;
+pub const PATH_BUF: usize = PATH_COMPONENT_MAX * PATH_MAX_DEPTH;
 /// Bytes of the command line captured (NUL-separated arguments, as in `/proc/PID/cmdline`).
 pub const CMDLINE_BUF: usize = 1024;
 
@@ -72,6 +72,7 @@ pub struct SocketEvent {
     pub action: u8,
     pub matched: u8,
     pub enforcer: u8,
+    /// Slots of `exe` and `parent_exe` the walk used.
     pub exe_len: u16,
     pub parent_len: u16,
     pub cmdline_len: u16,

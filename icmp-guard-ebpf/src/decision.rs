@@ -54,7 +54,13 @@ pub fn decide(sock: &Socket, enforcer: u8) -> bool {
         return true;
     };
     let workload = find_workload(generation, &settings);
-    let Some(wp) = (unsafe { WORKLOADS.get(WorkloadKey { generation, workload }) }).copied() else {
+    let Some(wp) = (unsafe {
+        WORKLOADS.get(WorkloadKey {
+            generation,
+            workload,
+        })
+    })
+    .copied() else {
         // No policy for this workload: no decision and no event, as in KubeArmor.
         return true;
     };

@@ -8,7 +8,7 @@ use aya_ebpf::helpers::{
     generated::{bpf_probe_read_kernel_str, bpf_probe_read_user},
 };
 use icmp_guard_common::{
-    event::{CMDLINE_BUF, PATH_COMPONENT_MAX, PATH_MAX_DEPTH, PATH_POS_MASK},
+    event::{CMDLINE_BUF, PATH_COMPONENT_MAX, PATH_MAX_DEPTH},
     offsets::KernelOffsets,
 };
 
@@ -107,13 +107,16 @@ pub fn ns_tgid(task: usize, level: Option<u32>) -> Result<(u32, u32), i32> {
     // Pid namespaces nest at most 32 deep (MAX_PID_NS_LEVEL); the mask keeps the read in bounds
     // for the verifier as well.
     let slot = (at & 31) as usize;
-    let nr: u32 = read(pid, off!(pid_numbers) + slot * off!(upid_size) + off!(upid_nr))?;
+    let nr: u32 = read(
+        pid,
+        off!(pid_numbers) + slot * off!(upid_size) + off!(upid_nr),
+    )?;
     Ok((own, nr))
 }
 
-/// Writes the path of `file` into `buf` (at least `PATH_BUF` bytes): components leaf first, each
-/// NUL-terminated, crossing mounts up to the root of the caller's mount namespace.
-/// Returns (bytes written, complete).
+/// Writes the path of `file` into `buf` (`PATH_BUF` bytes) as fixed slots, leaf first (see
+/// `icmp_guard_common::event`), crossing mounts up to the root of the caller's mount namespace.
+/// Returns (slots used, complete).
 #[inline(always)]
 pub fn write_path(file: usize, buf: *mut u8) -> (u16, bool) {
     let Ok(mut vfsmount) = read::<usize>(file, off!(file_f_path) + off!(path_mnt)) else {
@@ -123,15 +126,18 @@ pub fn write_path(file: usize, buf: *mut u8) -> (u16, bool) {
         return (0, false);
     };
     let mut mount = vfsmount.wrapping_sub(off!(mount_mnt));
-    let mut pos: usize = 0;
     let mut complete = false;
-    for _ in 0..PATH_MAX_DEPTH {
+    let mut used: u16 = 0;
+    for i in 0..PATH_MAX_DEPTH {
+        let slot = unsafe { buf.add(i * PATH_COMPONENT_MAX) };
         let Ok(mnt_root) = read::<usize>(vfsmount, off!(vfsmount_mnt_root)) else {
             break;
         };
         let Ok(parent) = read::<usize>(dentry, off!(dentry_d_parent)) else {
             break;
         };
+        let mut next_dentry = parent;
+        let mut name: usize = 0;
         if dentry == mnt_root {
             // At the root of this mount: continue from where it is mounted, unless this is the
             // namespace's root mount, whose parent is itself.
@@ -145,36 +151,35 @@ pub fn write_path(file: usize, buf: *mut u8) -> (u16, bool) {
             let Ok(mountpoint) = read::<usize>(mount, off!(mount_mnt_mountpoint)) else {
                 break;
             };
-            dentry = mountpoint;
+            next_dentry = mountpoint;
             mount = mnt_parent;
             vfsmount = mount + off!(mount_mnt);
-            continue;
-        }
-        if dentry == parent {
-            // The root of a filesystem that is not the root of its mount: a disconnected dentry.
-            // Report what was found as incomplete rather than invent the rest.
+        } else if dentry == parent {
+            // The root of a filesystem that is not the root of its mount: a disconnected
+            // dentry. Report what was found as incomplete rather than invent the rest.
             break;
+        } else {
+            let Ok(n) = read::<usize>(dentry, off!(dentry_d_name) + off!(qstr_name)) else {
+                break;
+            };
+            name = n;
         }
-        if pos > PATH_POS_MASK {
-            break;
-        }
-        let Ok(name) = read::<usize>(dentry, off!(dentry_d_name) + off!(qstr_name)) else {
-            break;
-        };
-        let n = unsafe {
-            bpf_probe_read_kernel_str(
-                buf.add(pos & PATH_POS_MASK).cast(),
-                PATH_COMPONENT_MAX as u32,
-                name as *const _,
-            )
+        // Both branches end here with the same shape: one slot written, then the next step.
+        let n = if name == 0 {
+            unsafe { *slot = 0 };
+            1
+        } else {
+            unsafe {
+                bpf_probe_read_kernel_str(slot.cast(), PATH_COMPONENT_MAX as u32, name as *const _)
+            }
         };
         if n <= 0 {
             break;
         }
-        pos += n as usize;
-        dentry = parent;
+        used = i as u16 + 1;
+        dentry = next_dentry;
     }
-    (pos.min(u16::MAX as usize) as u16, complete)
+    (used, complete)
 }
 
 /// Copies the command line (`mm->arg_start..arg_end`, NUL-separated arguments) of the current

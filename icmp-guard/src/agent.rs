@@ -265,7 +265,10 @@ pub fn run(args: RunArgs) -> Result<()> {
         args.mode,
     );
     for blind in enforcer.kind.blind_spots() {
-        warn!("the {} enforcer cannot see {blind}", enforcer.kind.name());
+        warn!(
+            "blind spot of the {} enforcer: {blind}",
+            enforcer.kind.name()
+        );
     }
     let events = enforcer.take_events()?;
     let mut rules: [Arc<Vec<compile::RuleInfo>>; 2] = Default::default();
@@ -333,11 +336,15 @@ async fn serve(
         Ok(())
     });
 
-    let reader = {
+    let mut reader = {
         let shared = shared.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            let mut fd = AsyncFd::with_interest(events, tokio::io::Interest::READABLE)?;
+            // SAFETY: the ring buffer owns its fd and outlives the registration (both live in
+            // `fd`), which is what register_with_interest requires.
+            let mut fd =
+                unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
+                    .map_err(|e| anyhow!("registering the ring buffer with tokio: {e}"))?;
             loop {
                 let mut guard = fd.readable_mut().await?;
                 let rb = guard.get_inner_mut();
@@ -395,8 +402,11 @@ async fn serve(
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: stopping"),
         _ = int.recv() => info!("SIGINT: stopping"),
-        r = reader => error!("alert reader stopped: {r:?}"),
+        r = &mut reader => error!("alert reader stopped: {r:?}"),
     }
+    // The reader holds a sender; it must go for the writer to see the end of the stream.
+    reader.abort();
+    let _ = reader.await;
     refresher.abort();
     accounting.abort();
     // A last account, so that what was lost just before stopping is still reported.

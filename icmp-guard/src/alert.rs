@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use icmp_guard_common::{
     Class,
     class::{SOCK_CLOEXEC, SOCK_NONBLOCK, SOCK_TYPE_MASK},
-    event::{SocketEvent, flags},
+    event::{PATH_COMPONENT_MAX, SocketEvent, flags},
     maps::{Action, HOST_WORKLOAD, RULE_POSTURE},
 };
 use serde::{Deserialize, Serialize};
@@ -131,17 +131,16 @@ pub fn decode(bytes: &[u8]) -> Option<SocketEvent> {
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<SocketEvent>()) })
 }
 
-/// Rebuilds a path the kernel wrote leaf first, one NUL-terminated component at a time.
-pub fn path_from_components(buf: &[u8], len: u16) -> String {
-    let len = (len as usize).min(buf.len());
-    let parts: Vec<String> = buf[..len]
-        .split(|&b| b == 0)
+/// Rebuilds a path the kernel wrote leaf first, one fixed slot per step (empty slots are mount
+/// crossings).
+pub fn path_from_slots(buf: &[u8], slots: u16) -> String {
+    let parts: Vec<String> = buf
+        .chunks(PATH_COMPONENT_MAX)
+        .take(slots as usize)
+        .map(|slot| slot.split(|&b| b == 0).next().unwrap_or(&[]))
         .filter(|p| !p.is_empty())
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .collect();
-    if parts.is_empty() {
-        return String::new();
-    }
     let mut path = String::new();
     for p in parts.iter().rev() {
         path.push('/');
@@ -236,8 +235,8 @@ impl Context {
     pub fn alert(&self, ev: &SocketEvent) -> Alert {
         let unix_ns = ev.boot_ns as i128 + self.boot_to_unix_ns;
         let mut a = self.base(unix_ns);
-        let process = path_from_components(&ev.exe, ev.exe_len);
-        let parent = path_from_components(&ev.parent_exe, ev.parent_len);
+        let process = path_from_slots(&ev.exe, ev.exe_len);
+        let parent = path_from_slots(&ev.parent_exe, ev.parent_len);
         let args = arguments(&ev.cmdline, ev.cmdline_len);
         let comm =
             String::from_utf8_lossy(ev.comm.split(|&b| b == 0).next().unwrap_or(&[])).into_owned();
@@ -375,12 +374,12 @@ mod tests {
 
     #[test]
     fn paths_are_rebuilt_root_first() {
-        let buf = b"hping3\0sbin\0usr\0";
-        assert_eq!(
-            path_from_components(buf, buf.len() as u16),
-            "/usr/sbin/hping3"
-        );
-        assert_eq!(path_from_components(buf, 0), "");
+        let mut buf = vec![0u8; PATH_COMPONENT_MAX * 4];
+        for (i, name) in ["hping3", "sbin", "", "usr"].iter().enumerate() {
+            buf[i * PATH_COMPONENT_MAX..][..name.len()].copy_from_slice(name.as_bytes());
+        }
+        assert_eq!(path_from_slots(&buf, 4), "/usr/sbin/hping3");
+        assert_eq!(path_from_slots(&buf, 0), "");
     }
 
     #[test]

@@ -77,11 +77,12 @@ impl EnforcerKind {
         match self {
             EnforcerKind::Lsm => &[],
             EnforcerKind::Cgroup => &[
-                "AF_PACKET sockets: cgroup/sock_create runs only for AF_INET and AF_INET6, so \
-                 packet rules are neither enforced nor alerted",
-                "sockets the kernel refuses first (e.g. ICMP datagram sockets outside \
-                 net.ipv4.ping_group_range, raw sockets without CAP_NET_RAW) never reach the hook",
-                "processes outside the attached cgroup subtree",
+                "cgroup/sock_create runs only for AF_INET and AF_INET6 sockets, so packet \
+                 (AF_PACKET) rules are neither enforced nor alerted",
+                "sockets the kernel refuses before the hook (ICMP datagram sockets outside \
+                 net.ipv4.ping_group_range, raw sockets without CAP_NET_RAW) are neither decided \
+                 nor alerted",
+                "processes outside the attached cgroup subtree are not covered",
             ],
         }
     }
@@ -167,7 +168,9 @@ impl Enforcer {
             last_flip: None,
         };
         // Empty policy first: the programs must never run against half-written maps.
+        log::debug!("writing the empty initial policy");
         enforcer.apply(&Compiled::default())?;
+        log::debug!("attaching the {} program", kind.name());
         match kind {
             EnforcerKind::Lsm => {
                 let prog: &mut Lsm = enforcer
@@ -189,14 +192,17 @@ impl Enforcer {
                 })?;
                 let dir = File::open(opts.cgroup)
                     .with_context(|| format!("opening cgroup {}", opts.cgroup.display()))?;
-                // AllowMultiple: other agents' sock_create programs keep running beside ours;
-                // the kernel allows a socket only when every attached program does.
-                prog.attach(dir, CgroupAttachMode::AllowMultiple)
+                // aya attaches through a bpf_link, and cgroup links always run beside other
+                // programs on the same hook (the kernel allows a socket only when every one
+                // does); link_create takes no BPF_F_ALLOW_MULTI, so the mode stays the default.
+                prog.attach(dir, CgroupAttachMode::default())
                     .with_context(|| format!("attaching to cgroup {}", opts.cgroup.display()))?;
                 enforcer.attached_cgroup = Some(opts.cgroup.to_path_buf());
             }
         }
+        log::debug!("attaching sys_enter_socket");
         enforcer.type_flags = enforcer.attach_type_flags();
+        log::debug!("enforcer ready");
         Ok(enforcer)
     }
 

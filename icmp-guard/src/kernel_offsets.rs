@@ -90,12 +90,11 @@ fn find_member(btf: &Btf, s: &btf_rs::Struct, field: &str) -> Result<Option<u32>
             }
             return Ok(Some(m.bit_offset()));
         }
-        if name.is_empty() {
-            if let Some(inner) = anonymous_aggregate(btf, m)? {
-                if let Some(bits) = find_member(btf, &inner, field)? {
-                    return Ok(Some(m.bit_offset() + bits));
-                }
-            }
+        if name.is_empty()
+            && let Some(inner) = anonymous_aggregate(btf, m)?
+            && let Some(bits) = find_member(btf, &inner, field)?
+        {
+            return Ok(Some(m.bit_offset() + bits));
         }
     }
     Ok(None)

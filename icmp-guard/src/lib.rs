@@ -1,5 +1,4 @@
 //! icmp-guard: the agent and CLI. See README.md for what each module is for.
-#[cfg(any())] // enabled once config.rs lands
 pub mod agent;
 pub mod alert;
 pub mod audit;

@@ -19,6 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: enforce a policy in the kernel and stream alerts as JSON lines.
+    Run(icmp_guard::agent::RunArgs),
     /// Report what this kernel supports and which enforcer `run` would pick.
     Probe(icmp_guard::probe::ProbeArgs),
 }
@@ -29,6 +30,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(args) => icmp_guard::agent::run(args),
         Command::Probe(args) => icmp_guard::probe::run(&args),
     };
     match result {

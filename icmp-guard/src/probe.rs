@@ -123,7 +123,7 @@ pub fn run(args: &ProbeArgs) -> Result<()> {
         None => println!("--enforcer auto picks  nothing: neither LSM nor cgroup v2 is usable"),
     }
     for b in &r.blind_spots {
-        println!("  cannot see: {b}");
+        println!("  blind spot: {b}");
     }
     Ok(())
 }

@@ -1,0 +1,410 @@
+//! Harness for the privileged end-to-end tests: start the real agent against the real kernel,
+//! run real programs in a test cgroup and a private network namespace, read the alerts.
+//!
+//! The same tests run on the host (cgroup enforcer) and inside the qemu VM (LSM enforcer, via
+//! `cargo xtask vm-test`); the environment variables below tell them where they are.
+//! They never skip: without root or without a tool they fail and say what is missing.
+#![allow(dead_code)]
+
+use std::{
+    ffi::CString,
+    io::{BufRead, BufReader},
+    os::unix::{ffi::OsStrExt, process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub fn enforcer() -> String {
+    std::env::var("ICMP_GUARD_ENFORCER").unwrap_or_else(|_| "cgroup".into())
+}
+
+pub fn is_lsm() -> bool {
+    enforcer() == "lsm"
+}
+
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("ICMP_GUARD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_icmp-guard")))
+}
+
+pub fn policies_dir() -> PathBuf {
+    std::env::var_os("ICMP_GUARD_POLICIES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies")))
+}
+
+pub fn require_root() {
+    // SAFETY: no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "these tests load BPF programs into the running kernel: run them as root \
+         (the README's test command does)"
+    );
+}
+
+pub fn require_tool(path: &str) -> &str {
+    assert!(
+        Path::new(path).exists(),
+        "{path} is missing: install it (the README's test command installs hping3, nmap, \
+         iputils-ping and python3)"
+    );
+    path
+}
+
+pub const PING: &str = "/usr/bin/ping";
+pub const HPING3: &str = "/usr/sbin/hping3";
+pub const PYTHON: &str = "/usr/bin/python3";
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// A scratch directory unique to this test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "icmp-guard-test-{}-{}-{name}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn cgroup2_mount() -> PathBuf {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for line in text.lines() {
+        let (left, right) = line.split_once(" - ").unwrap();
+        if right.starts_with("cgroup2 ") {
+            return PathBuf::from(left.split_whitespace().nth(4).unwrap());
+        }
+    }
+    panic!("no cgroup v2 mount");
+}
+
+/// A child cgroup that is removed when dropped.
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(name: &str) -> Self {
+        let path = cgroup2_mount().join(format!(
+            "icmp-guard-test-{}-{}-{name}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        TestCgroup { path }
+    }
+
+    pub fn at(path: PathBuf) -> Self {
+        std::fs::create_dir_all(&path).unwrap();
+        TestCgroup { path }
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Processes have exited by now; a cgroup with none left can be removed.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Where and how a probe runs.
+#[derive(Clone)]
+pub struct Placement {
+    /// cgroup.procs of the cgroup to join before exec.
+    pub cgroup: Option<PathBuf>,
+    /// Run in a fresh network namespace with only loopback, up: nothing can leave the machine.
+    pub private_net: bool,
+}
+
+impl Placement {
+    pub fn in_cgroup(cg: &TestCgroup) -> Self {
+        Placement {
+            cgroup: Some(cg.path.clone()),
+            private_net: true,
+        }
+    }
+}
+
+/// Runs `argv` in `place`; returns its output. Times out after 30 s.
+pub fn run_probe(place: &Placement, argv: &[&str]) -> Output {
+    let child = spawn_probe(place, argv, Stdio::null());
+    wait_with_timeout(child, Duration::from_secs(30), argv)
+}
+
+pub fn spawn_probe(place: &Placement, argv: &[&str], stdin: Stdio) -> Child {
+    let mut cmd = Command::new(argv[0]);
+    cmd.args(&argv[1..])
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let procs = place
+        .cgroup
+        .as_ref()
+        .map(|c| CString::new(c.join("cgroup.procs").as_os_str().as_bytes()).unwrap());
+    let private_net = place.private_net;
+    // SAFETY: only async-signal-safe syscalls run between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if private_net {
+                if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                loopback_up()?;
+            }
+            if let Some(p) = &procs {
+                let fd = libc::open(p.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if n != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("spawning {argv:?}: {e}"))
+}
+
+/// `ip link set lo up` through an ioctl on an AF_UNIX socket: unix sockets are never decided,
+/// so setting up the namespace cannot itself trip a policy.
+fn loopback_up() -> std::io::Result<()> {
+    unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        req.ifr_name[..3].copy_from_slice(&[b'l' as libc::c_char, b'o' as libc::c_char, 0]);
+        req.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as i16;
+        let rc = libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
+        libc::close(fd);
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+pub fn wait_with_timeout(mut child: Child, timeout: Duration, what: &[&str]) -> Output {
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{what:?} did not finish in {timeout:?}; stdout: {}; stderr: {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// True when the output shows the kernel's refusal (EPERM/EACCES as the tools print it).
+pub fn refused(o: &Output) -> bool {
+    let t = text(o);
+    t.contains("Permission denied") || t.contains("Operation not permitted")
+}
+
+/// A running agent.
+pub struct Agent {
+    child: Option<Child>,
+    pub alerts: PathBuf,
+    pub log: Arc<Mutex<Vec<String>>>,
+    pub dir: PathBuf,
+}
+
+pub struct AgentSpec<'a> {
+    pub policy: Option<&'a Path>,
+    pub config: Option<&'a Path>,
+    /// The cgroup the cgroup enforcer attaches to (ignored under LSM).
+    pub attach: &'a Path,
+    pub extra: &'a [&'a str],
+}
+
+impl Agent {
+    pub fn start(spec: AgentSpec) -> Agent {
+        require_root();
+        let dir = scratch("agent");
+        let alerts = dir.join("alerts.jsonl");
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("run")
+            .arg("--enforcer")
+            .arg(enforcer())
+            .arg("--output")
+            .arg(&alerts)
+            .arg("--cgroup")
+            .arg(spec.attach)
+            .args(spec.extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(p) = spec.policy {
+            cmd.arg("--policy").arg(p);
+        }
+        if let Some(c) = spec.config {
+            cmd.arg("--config").arg(c);
+        }
+        let mut child = cmd.spawn().expect("spawning icmp-guard run");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    eprintln!("[agent] {line}");
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let agent = Agent {
+            child: Some(child),
+            alerts,
+            log,
+            dir,
+        };
+        agent.wait_log("enforcing with", Duration::from_secs(90));
+        agent
+    }
+
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(l) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "agent did not log {needle:?} within {timeout:?}; its log:\n{}",
+                    self.log.lock().unwrap().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    pub fn alerts(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.alerts)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad alert {l}: {e}")))
+            .collect()
+    }
+
+    /// Waits up to 10 s for an alert `pred` accepts.
+    pub fn wait_alert(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            if let Some(a) = self.alerts().into_iter().find(|a| pred(a)) {
+                return a;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                panic!(
+                    "no alert for {what} within 10 s; alerts so far:\n{}",
+                    self.alerts()
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Lets in-flight alerts arrive, then returns all alerts.
+    pub fn settled_alerts(&self) -> Vec<Value> {
+        std::thread::sleep(Duration::from_millis(700));
+        self.alerts()
+    }
+
+    /// SIGTERM, and the agent must exit cleanly.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let start = Instant::now();
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    assert!(
+                        status.success(),
+                        "agent exited with {status} after SIGTERM; log:\n{}",
+                        self.log.lock().unwrap().join("\n")
+                    );
+                    break;
+                }
+                if start.elapsed() > Duration::from_secs(15) {
+                    let _ = child.kill();
+                    panic!("agent did not stop within 15 s of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn s<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or("")
+}
+
+/// Python one-liners used as probes: python is also the "interpreter" identity case.
+pub fn py_socket(family: &str, kind: &str, proto: &str) -> String {
+    format!(
+        "import socket,sys\n\
+         try:\n    socket.socket(socket.{family}, socket.{kind}, {proto}).close(); print('OPENED')\n\
+         except OSError as e:\n    print('REFUSED', e.errno, e.strerror); sys.exit(3)\n"
+    )
+}
