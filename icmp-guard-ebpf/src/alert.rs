@@ -106,14 +106,19 @@ pub fn emit(d: &Decided, settings: &Settings) {
     if d.action == Action::Block && !d.denied {
         fl |= flags::DOWNGRADED;
     }
-    // The hooks see the type without SOCK_NONBLOCK/SOCK_CLOEXEC; sys_enter_socket kept them.
+    // The hooks see the type without SOCK_NONBLOCK/SOCK_CLOEXEC, and the cgroup hook sees
+    // protocol 0 already resolved (to IPPROTO_UDP, …); sys_enter_socket kept the caller's own
+    // arguments. A thread is in one socket() call at a time, so the entry is this call's when
+    // family and base type agree.
     let mut sock_type = d.sock.sock_type;
+    let mut protocol = d.sock.protocol;
     if let Some(p) = unsafe { PENDING_SOCKET.get(d.pid_tgid) } {
         if p.family == d.sock.family as u32
-            && p.protocol == d.sock.protocol
             && p.sock_type & 0xf == d.sock.sock_type & 0xf
+            && (p.protocol == d.sock.protocol || p.protocol == 0)
         {
             sock_type = p.sock_type;
+            protocol = p.protocol;
             fl |= flags::TYPE_FLAGS_KNOWN;
         }
     }
@@ -131,7 +136,7 @@ pub fn emit(d: &Decided, settings: &Settings) {
         (*ev).workload = d.workload;
         (*ev).rule = d.rule;
         (*ev).sock_type = sock_type;
-        (*ev).protocol = d.sock.protocol;
+        (*ev).protocol = protocol;
         (*ev).family = d.sock.family;
         (*ev).class = d.class as u8;
         (*ev).action = d.action as u8;

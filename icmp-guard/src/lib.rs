@@ -9,4 +9,5 @@ pub mod identity;
 pub mod kernel_offsets;
 pub mod policy;
 pub mod probe;
+pub mod sandbox;
 pub mod workload;

@@ -42,7 +42,7 @@ fn ping_is_allowed_and_not_alerted() {
     let cg = TestCgroup::new("ping");
     let agent = start_strict(&cg, &[]);
     let out = run_probe(
-        &Placement::in_cgroup(&cg),
+        &placement(&cg),
         &[require_tool(PING), "-c", "1", "-W", "2", "127.0.0.1"],
     );
     assert!(out.status.success(), "ping failed: {}", text(&out));
@@ -56,7 +56,7 @@ fn hping3_is_refused_with_an_alert() {
     let cg = TestCgroup::new("hping3");
     let agent = start_strict(&cg, &[]);
     let out = run_probe(
-        &Placement::in_cgroup(&cg),
+        &placement(&cg),
         &[require_tool(HPING3), "-c", "1", "127.0.0.1"],
     );
     assert!(!out.status.success());
@@ -96,7 +96,7 @@ fn hping3_icmp_mode_is_refused_with_an_alert() {
     let cg = TestCgroup::new("hping3-icmp");
     let agent = start_strict(&cg, &[]);
     let out = run_probe(
-        &Placement::in_cgroup(&cg),
+        &placement(&cg),
         &[require_tool(HPING3), "--icmp", "-c", "1", "127.0.0.1"],
     );
     assert!(
@@ -119,7 +119,7 @@ fn copied_and_renamed_binaries_are_refused() {
     std::fs::copy(PING, &ping_copy).unwrap();
     let hping_as_ping = scratch("hping-as-ping").join("ping");
     std::fs::copy(require_tool(HPING3), &hping_as_ping).unwrap();
-    let place = Placement::in_cgroup(&cg);
+    let place = placement(&cg);
 
     let out = run_probe(
         &place,
@@ -157,7 +157,7 @@ fn symlinks_resolve_to_their_target() {
     std::os::unix::fs::symlink(require_tool(HPING3), &fake).unwrap();
     let real = dir.join("my-ping");
     std::os::unix::fs::symlink(PING, &real).unwrap();
-    let place = Placement::in_cgroup(&cg);
+    let place = placement(&cg);
 
     let out = run_probe(&place, &[fake.to_str().unwrap(), "-c", "1", "127.0.0.1"]);
     assert!(
@@ -185,7 +185,7 @@ fn the_dynamic_loader_does_not_launder_identity() {
     let cg = TestCgroup::new("loader");
     let agent = start_strict(&cg, &[]);
     let loader = "/lib64/ld-linux-x86-64.so.2";
-    let place = Placement::in_cgroup(&cg);
+    let place = placement(&cg);
     let out = run_probe(
         &place,
         &[require_tool(loader), HPING3, "-c", "1", "127.0.0.1"],
@@ -217,10 +217,7 @@ fn a_process_calling_itself_ping_is_refused() {
         "import ctypes\nctypes.CDLL(None).prctl(15, b'ping', 0, 0, 0)\n{}",
         py_socket("AF_INET", "SOCK_RAW", "socket.IPPROTO_ICMP")
     );
-    let out = run_probe(
-        &Placement::in_cgroup(&cg),
-        &[require_tool(PYTHON), "-c", &script],
-    );
+    let out = run_probe(&placement(&cg), &[require_tool(PYTHON), "-c", &script]);
     assert!(
         text(&out).contains("REFUSED 1"),
         "python named ping got a raw ICMP socket: {}",
@@ -240,7 +237,7 @@ fn a_process_calling_itself_ping_is_refused() {
 #[test]
 fn processes_running_before_the_agent_are_enforced() {
     let cg = TestCgroup::new("early");
-    let place = Placement::in_cgroup(&cg);
+    let place = placement(&cg);
     // Waits for a line on stdin, then opens a raw socket.
     let script = format!(
         "import sys\nsys.stdin.readline()\n{}",
@@ -285,7 +282,7 @@ fn a_replaced_allowed_binary_stays_allowed() {
         attach: &cg.path,
         extra: &[],
     });
-    let place = Placement::in_cgroup(&cg);
+    let place = placement(&cg);
     let ping = allowed.to_str().unwrap();
     let out = run_probe(&place, &[ping, "-c", "1", "-W", "2", "127.0.0.1"]);
     assert!(
@@ -326,7 +323,7 @@ fn audit_mode_lets_the_socket_through_and_alerts() {
     let cg = TestCgroup::new("audit");
     let agent = start_strict(&cg, &["--mode", "audit"]);
     let out = run_probe(
-        &Placement::in_cgroup(&cg),
+        &placement(&cg),
         &[
             require_tool(PYTHON),
             "-c",
@@ -357,10 +354,7 @@ fn other_programs_tcp_udp_and_unix_sockets_are_untouched() {
         s6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n\
         nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)\n\
         print('ALL-OK')\n";
-    let out = run_probe(
-        &Placement::in_cgroup(&cg),
-        &[require_tool(PYTHON), "-c", script],
-    );
+    let out = run_probe(&placement(&cg), &[require_tool(PYTHON), "-c", script]);
     assert!(text(&out).contains("ALL-OK"), "{}", text(&out));
     assert_no_alert_for(&agent, "/usr/bin/python3.11");
     assert!(agent.settled_alerts().is_empty(), "{:?}", agent.alerts());
@@ -372,7 +366,7 @@ fn packet_sockets_follow_the_enforcer() {
     let cg = TestCgroup::new("packet");
     let agent = start_strict(&cg, &[]);
     let out = run_probe(
-        &Placement::in_cgroup(&cg),
+        &placement(&cg),
         &[
             require_tool(PYTHON),
             "-c",
@@ -402,7 +396,7 @@ fn packet_sockets_follow_the_enforcer() {
 fn stopping_the_agent_gives_every_socket_back() {
     let cg = TestCgroup::new("stop");
     let agent = start_strict(&cg, &[]);
-    let place = Placement::in_cgroup(&cg);
+    let place = placement(&cg);
     let probe = py_socket("AF_INET", "SOCK_RAW", "255");
     let out = run_probe(&place, &[require_tool(PYTHON), "-c", &probe]);
     assert!(text(&out).contains("REFUSED 1"), "{}", text(&out));
@@ -432,10 +426,7 @@ fn rate_limited_alerts_are_all_accounted_for() {
     let script = format!(
         "import socket\nn=0\nfor _ in range({tries}):\n    try:\n        socket.socket(socket.AF_INET, socket.SOCK_RAW, 255)\n    except PermissionError:\n        n+=1\nprint('REFUSED', n)\n"
     );
-    let out = run_probe(
-        &Placement::in_cgroup(&cg),
-        &[require_tool(PYTHON), "-c", &script],
-    );
+    let out = run_probe(&placement(&cg), &[require_tool(PYTHON), "-c", &script]);
     assert!(
         text(&out).contains(&format!("REFUSED {tries}")),
         "{}",

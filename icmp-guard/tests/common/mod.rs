@@ -7,9 +7,7 @@
 #![allow(dead_code)]
 
 use std::{
-    ffi::CString,
     io::{BufRead, BufReader},
-    os::unix::{ffi::OsStrExt, process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
@@ -123,119 +121,34 @@ impl Drop for TestCgroup {
     }
 }
 
-/// Where and how a probe runs.
-#[derive(Clone)]
-pub struct Placement {
-    /// cgroup.procs of the cgroup to join before exec.
-    pub cgroup: Option<PathBuf>,
-    /// Run in a fresh network namespace with only loopback, up: nothing can leave the machine.
-    pub private_net: bool,
-}
+pub use icmp_guard::sandbox::Placement;
 
-impl Placement {
-    pub fn in_cgroup(cg: &TestCgroup) -> Self {
-        Placement {
-            cgroup: Some(cg.path.clone()),
-            private_net: true,
-        }
-    }
+pub fn placement(cg: &TestCgroup) -> Placement {
+    Placement::in_cgroup(&cg.path)
 }
 
 /// Runs `argv` in `place`; returns its output. Times out after 30 s.
 pub fn run_probe(place: &Placement, argv: &[&str]) -> Output {
-    let child = spawn_probe(place, argv, Stdio::null());
-    wait_with_timeout(child, Duration::from_secs(30), argv)
+    icmp_guard::sandbox::run(place, argv, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"))
 }
 
 pub fn spawn_probe(place: &Placement, argv: &[&str], stdin: Stdio) -> Child {
-    let mut cmd = Command::new(argv[0]);
-    cmd.args(&argv[1..])
-        .stdin(stdin)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let procs = place
-        .cgroup
-        .as_ref()
-        .map(|c| CString::new(c.join("cgroup.procs").as_os_str().as_bytes()).unwrap());
-    let private_net = place.private_net;
-    // SAFETY: only async-signal-safe syscalls run between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if private_net {
-                if libc::unshare(libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                loopback_up()?;
-            }
-            if let Some(p) = &procs {
-                let fd = libc::open(p.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if n != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn()
+    icmp_guard::sandbox::spawn(place, argv, stdin)
         .unwrap_or_else(|e| panic!("spawning {argv:?}: {e}"))
 }
 
-/// `ip link set lo up` through an ioctl on an AF_UNIX socket: unix sockets are never decided,
-/// so setting up the namespace cannot itself trip a policy.
-fn loopback_up() -> std::io::Result<()> {
-    unsafe {
-        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let mut req: libc::ifreq = std::mem::zeroed();
-        req.ifr_name[..3].copy_from_slice(&[b'l' as libc::c_char, b'o' as libc::c_char, 0]);
-        req.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as i16;
-        let rc = libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
-        libc::close(fd);
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-pub fn wait_with_timeout(mut child: Child, timeout: Duration, what: &[&str]) -> Output {
-    let start = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "{what:?} did not finish in {timeout:?}; stdout: {}; stderr: {}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+pub fn wait_with_timeout(child: Child, timeout: Duration, what: &[&str]) -> Output {
+    icmp_guard::sandbox::wait(child, timeout).unwrap_or_else(|e| panic!("{what:?}: {e}"))
 }
 
 pub fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    icmp_guard::sandbox::text(o)
 }
 
 /// True when the output shows the kernel's refusal (EPERM/EACCES as the tools print it).
 pub fn refused(o: &Output) -> bool {
-    let t = text(o);
-    t.contains("Permission denied") || t.contains("Operation not permitted")
+    icmp_guard::sandbox::reported_errno(o).is_some()
 }
 
 /// A running agent.

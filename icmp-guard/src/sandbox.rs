@@ -1,0 +1,153 @@
+//! Running a program the way a probe must run: inside a workload's cgroup and in a private
+//! network namespace that has only loopback, so that nothing it sends can leave the machine even
+//! if enforcement failed.
+
+use std::{
+    ffi::CString,
+    io,
+    os::unix::{ffi::OsStrExt, process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+/// Where a probe runs.
+#[derive(Clone, Debug, Default)]
+pub struct Placement {
+    /// cgroup to join before exec.
+    pub cgroup: Option<PathBuf>,
+    /// A fresh network namespace with loopback up and nothing else.
+    pub private_net: bool,
+}
+
+impl Placement {
+    pub fn in_cgroup(cgroup: &Path) -> Self {
+        Placement {
+            cgroup: Some(cgroup.to_path_buf()),
+            private_net: true,
+        }
+    }
+
+    /// Applies the placement to `cmd`: between fork and exec the child leaves the network and
+    /// joins the cgroup, so the program's very first socket is already decided there.
+    pub fn apply(&self, cmd: &mut Command) {
+        let procs = self
+            .cgroup
+            .as_ref()
+            .map(|c| CString::new(c.join("cgroup.procs").as_os_str().as_bytes()).unwrap());
+        let private_net = self.private_net;
+        // SAFETY: only async-signal-safe syscalls run between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if private_net {
+                    if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    loopback_up()?;
+                }
+                if let Some(p) = &procs {
+                    join_cgroup(p)?;
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+fn join_cgroup(procs: &CString) -> io::Result<()> {
+    // SAFETY: plain syscalls on a valid C string.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // "0" moves the writing process itself.
+        let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+        libc::close(fd);
+        if n != 1 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// `ip link set lo up` through an ioctl on an AF_UNIX socket: unix sockets are never decided, so
+/// preparing the namespace cannot itself trip a policy.
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: plain syscalls with a zeroed, then filled, ifreq.
+    unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        req.ifr_name[0] = b'l' as libc::c_char;
+        req.ifr_name[1] = b'o' as libc::c_char;
+        req.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as i16;
+        let rc = libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
+        libc::close(fd);
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+pub fn spawn(place: &Placement, argv: &[&str], stdin: Stdio) -> io::Result<Child> {
+    let mut cmd = Command::new(argv[0]);
+    cmd.args(&argv[1..])
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    place.apply(&mut cmd);
+    cmd.spawn()
+}
+
+/// Waits for `child`, killing it after `timeout`; `Err` names what hung.
+pub fn wait(mut child: Child, timeout: Duration) -> io::Result<Output> {
+    let start = Instant::now();
+    loop {
+        if child.try_wait()?.is_some() {
+            return child.wait_with_output();
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let out = child.wait_with_output()?;
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "did not finish in {timeout:?}; output so far: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn run(place: &Placement, argv: &[&str], timeout: Duration) -> io::Result<Output> {
+    wait(spawn(place, argv, Stdio::null())?, timeout)
+}
+
+/// stdout and stderr together, as a person would read them.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The errno a refused tool reports, from the text it prints.
+pub fn reported_errno(o: &Output) -> Option<&'static str> {
+    let t = text(o);
+    if t.contains("Operation not permitted") {
+        Some("EPERM")
+    } else if t.contains("Permission denied") {
+        // EACCES's text; KubeArmor's own alerts also say this for EPERM.
+        Some("EPERM/EACCES")
+    } else {
+        None
+    }
+}
