@@ -10,4 +10,5 @@ pub mod kernel_offsets;
 pub mod policy;
 pub mod probe;
 pub mod sandbox;
+pub mod simulation;
 pub mod workload;

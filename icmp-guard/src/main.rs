@@ -22,6 +22,12 @@ enum Command {
     Run(icmp_guard::agent::RunArgs),
     /// Report what this kernel supports and which enforcer `run` would pick.
     Probe(icmp_guard::probe::ProbeArgs),
+    /// Prove the enforcement: run scanner probes (hping3, nmap, a raw socket) and ping inside a
+    /// workload and check each one's errno and alert.
+    Test(icmp_guard::simulation::TestArgs),
+    /// Open one socket and report the result (the raw-socket probe `test` runs).
+    #[command(hide = true)]
+    ProbeSocket { kind: String },
 }
 
 fn main() -> ExitCode {
@@ -32,6 +38,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => icmp_guard::agent::run(args),
         Command::Probe(args) => icmp_guard::probe::run(&args),
+        Command::Test(args) => match icmp_guard::simulation::run(&args) {
+            Ok(true) => return ExitCode::SUCCESS,
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
+        Command::ProbeSocket { kind } => match icmp_guard::simulation::probe_socket(&kind) {
+            Ok(true) => return ExitCode::SUCCESS,
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -103,6 +103,21 @@ pub fn spawn(place: &Placement, argv: &[&str], stdin: Stdio) -> io::Result<Child
     cmd.spawn()
 }
 
+/// Waits for `child` to exit, killing it after `timeout`.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> io::Result<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            return child.wait();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits for `child`, killing it after `timeout`; `Err` names what hung.
 pub fn wait(mut child: Child, timeout: Duration) -> io::Result<Output> {
     let start = Instant::now();

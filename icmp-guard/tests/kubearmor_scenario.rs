@@ -338,3 +338,79 @@ fn hot_reload_applies_valid_changes_and_refuses_invalid_ones() {
     assert_eq!(agent.log_count("policy reload refused"), 1);
     agent.stop();
 }
+
+fn icmp_guard_test(args: &[&str]) -> std::process::Output {
+    require_root();
+    std::process::Command::new(agent_bin())
+        .arg("test")
+        .arg("--enforcer")
+        .arg(enforcer())
+        .args(args)
+        .output()
+        .expect("running icmp-guard test")
+}
+
+#[test]
+fn icmp_guard_test_prints_an_all_pass_table_for_the_seed_scenario() {
+    let out = icmp_guard_test(&[]);
+    let t = text(&out);
+    eprintln!("{t}");
+    assert!(out.status.success(), "{t}");
+    for probe in [
+        "hping3 ",
+        "hping3 --icmp",
+        "nmap -sn",
+        "nmap -sS",
+        "raw ICMP socket",
+        "ping ",
+    ] {
+        let row = t
+            .lines()
+            .find(|l| l.starts_with(probe))
+            .unwrap_or_else(|| panic!("no row {probe}: {t}"));
+        assert!(row.contains("pass"), "{row}");
+    }
+    assert!(t.contains("PASS: 6 of 6 rows"), "{t}");
+}
+
+#[test]
+fn icmp_guard_test_fails_when_the_policy_only_audits() {
+    // The embedded default only audits raw sockets: hping3 gets through, and `test` must say so.
+    let dir = scratch("audit-only");
+    let policy = dir.join("audit.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: security.kubearmor.com/v1\nkind: KubeArmorHostPolicy\nmetadata:\n  name: audit-only\nspec:\n  nodeSelector:\n    matchLabels:\n      kubernetes.io/os: linux\n  network:\n    matchProtocols:\n    - protocol: raw,icmp\n      fromSource:\n      - path: /usr/sbin/hping3\n  action: Audit\n",
+    )
+    .unwrap();
+    let out = icmp_guard_test(&["--policy", policy.to_str().unwrap()]);
+    let t = text(&out);
+    eprintln!("{t}");
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    let row = t.lines().find(|l| l.starts_with("hping3 ")).unwrap();
+    assert!(row.contains("FAIL: the probe succeeded"), "{row}");
+}
+
+#[test]
+fn icmp_guard_test_reads_a_running_agents_alerts() {
+    let cg = TestCgroup::new("running");
+    let agent = Agent::start(AgentSpec {
+        policy: Some(&policies_dir().join("host/strict.yaml")),
+        config: None,
+        attach: &cg.path,
+        extra: &[],
+    });
+    let probes = cg.path.join("probes");
+    let out = icmp_guard_test(&[
+        "--alerts",
+        agent.alerts.to_str().unwrap(),
+        "--cgroup",
+        probes.to_str().unwrap(),
+    ]);
+    let t = text(&out);
+    eprintln!("{t}");
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("PASS: 6 of 6 rows"), "{t}");
+    let _ = std::fs::remove_dir(&probes);
+    agent.stop();
+}
