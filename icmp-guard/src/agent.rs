@@ -270,6 +270,14 @@ pub fn run(args: RunArgs) -> Result<()> {
             enforcer.kind.name()
         );
     }
+    if let Some(attached) = &enforcer.attached_cgroup
+        && Some(attached) != workload::cgroup2_mount().ok().as_ref()
+    {
+        warn!(
+            "blind spot of the cgroup enforcer: processes outside {} are not covered",
+            attached.display()
+        );
+    }
     let events = enforcer.take_events()?;
     let mut rules: [Arc<Vec<compile::RuleInfo>>; 2] = Default::default();
     rules[generation as usize] = Arc::new(compiled.rules_info.clone());

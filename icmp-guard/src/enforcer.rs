@@ -82,7 +82,6 @@ impl EnforcerKind {
                 "sockets the kernel refuses before the hook (ICMP datagram sockets outside \
                  net.ipv4.ping_group_range, raw sockets without CAP_NET_RAW) are neither decided \
                  nor alerted",
-                "processes outside the attached cgroup subtree are not covered",
             ],
         }
     }
