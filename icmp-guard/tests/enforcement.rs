@@ -457,3 +457,34 @@ fn rate_limited_alerts_are_all_accounted_for() {
     assert_eq!(report["MaxAlertsPerSec"], 5);
     agent.stop();
 }
+
+/// The spoof a path-based identity falls for: in a private mount namespace, bind-mount hping3
+/// over /usr/bin/ping and run "/usr/bin/ping". The path says ping; the file is hping3.
+#[test]
+fn a_bind_mount_over_the_allowed_path_is_refused() {
+    let cg = TestCgroup::new("bind-mount");
+    let agent = start_strict(&cg, &[]);
+    let script = format!(
+        "import ctypes, os\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         assert libc.unshare(0x00020000) == 0, 'unshare(CLONE_NEWNS)'\n\
+         assert libc.mount(b'none', b'/', None, 0x4000 | 0x40000, None) == 0, 'make / private'\n\
+         assert libc.mount(b'{HPING3}', b'{PING}', None, 0x1000, None) == 0, 'bind mount'\n\
+         os.execv('{PING}', ['ping', '-c', '1', '127.0.0.1'])\n"
+    );
+    let out = run_probe(&placement(&cg), &[require_tool(PYTHON), "-c", &script]);
+    assert!(
+        refused(&out),
+        "hping3 mounted over ping was allowed: {}",
+        text(&out)
+    );
+    let a = agent.wait_alert("bind mount spoof", |a| s(a, "Action") == "Block");
+    // The kernel's path walk reports where the file is mounted; the identity is hping3's.
+    assert_eq!(s(&a, "ProcessName"), PING, "{a}");
+    let hping = icmp_guard::identity::Resolver::host()
+        .unwrap()
+        .resolve(Path::new(HPING3))
+        .unwrap();
+    assert_eq!(a["EventData"]["Executable"], hping.to_string());
+    agent.stop();
+}
