@@ -29,7 +29,7 @@ pub struct Report {
     pub lsm_list: Option<String>,
     pub cgroup2_mount: Result<String, String>,
     pub bpffs_mounted: bool,
-    pub socket_tracepoint: bool,
+    pub socket_tracepoint: String,
     pub auto_enforcer: Option<String>,
     pub blind_spots: Vec<String>,
 }
@@ -53,14 +53,21 @@ pub fn collect() -> Report {
                 .any(|l| l.split_whitespace().nth(2) == Some("bpf"))
         })
         .unwrap_or(false);
-    let socket_tracepoint = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
-        .iter()
-        .any(|t| {
-            Path::new(t)
-                .join("events/syscalls/sys_enter_socket")
-                .exists()
-        })
-        || Path::new("/sys/kernel/tracing").exists();
+    let socket_tracepoint = if tracefs_events().is_some() {
+        tracefs_events()
+            .map(|e| e.join("syscalls/sys_enter_socket").exists())
+            .map(|b| {
+                if b {
+                    "yes"
+                } else {
+                    "no (CONFIG_FTRACE_SYSCALLS is off)"
+                }
+            })
+    } else {
+        Some("tracefs is not mounted; `run` mounts it on /sys/kernel/tracing")
+    }
+    .unwrap_or_default()
+    .to_string();
     let auto = if lsm_program_loads.is_ok() {
         Some(EnforcerKind::Lsm)
     } else if cgroup2_mount.is_ok() {
@@ -82,6 +89,16 @@ pub fn collect() -> Report {
             .map(|k| k.blind_spots().iter().map(|s| s.to_string()).collect())
             .unwrap_or_default(),
     }
+}
+
+fn tracefs_events() -> Option<std::path::PathBuf> {
+    [
+        "/sys/kernel/tracing/events",
+        "/sys/kernel/debug/tracing/events",
+    ]
+    .iter()
+    .map(std::path::PathBuf::from)
+    .find(|p| p.exists())
 }
 
 pub fn run(args: &ProbeArgs) -> Result<()> {
@@ -117,7 +134,7 @@ pub fn run(args: &ProbeArgs) -> Result<()> {
             "not mounted (not needed: icmp-guard pins nothing)"
         }
     );
-    println!("socket tracepoint      {}", yes_no(r.socket_tracepoint));
+    println!("socket tracepoint      {}", r.socket_tracepoint);
     match &r.auto_enforcer {
         Some(k) => println!("--enforcer auto picks  {k}"),
         None => println!("--enforcer auto picks  nothing: neither LSM nor cgroup v2 is usable"),
