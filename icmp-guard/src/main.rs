@@ -22,6 +22,9 @@ enum Command {
     Run(icmp_guard::agent::RunArgs),
     /// Report what this kernel supports and which enforcer `run` would pick.
     Probe(icmp_guard::probe::ProbeArgs),
+    /// Audit security-group definitions for EC2-044, inbound ICMP open to the whole internet
+    /// (AWS API JSON, CloudFormation, Terraform HCL and plans).
+    Audit(icmp_guard::audit::AuditArgs),
     /// Prove the enforcement: run scanner probes (hping3, nmap, a raw socket) and ping inside a
     /// workload and check each one's errno and alert.
     Test(icmp_guard::simulation::TestArgs),
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => icmp_guard::agent::run(args),
         Command::Probe(args) => icmp_guard::probe::run(&args),
+        Command::Audit(args) => return icmp_guard::audit::run(&args),
         Command::Test(args) => match icmp_guard::simulation::run(&args) {
             Ok(true) => return ExitCode::SUCCESS,
             Ok(false) => return ExitCode::from(1),
