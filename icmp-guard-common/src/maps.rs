@@ -16,6 +16,8 @@ pub const MAP_SUPPRESSED: &str = "SUPPRESSED";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_PENDING_SOCKET: &str = "PENDING_SOCKET";
+pub const MAP_LSM_STAGES: &str = "LSM_STAGES";
+pub const MAP_CGROUP_STAGES: &str = "CGROUP_STAGES";
 
 pub const ACTIVE_GENERATION_INDEX: u32 = 0;
 
@@ -140,6 +142,8 @@ pub mod counter {
     pub const IDENTITY_ERRORS: u32 = 4;
     /// Suppressed alerts that could not be counted per workload (the map was full).
     pub const SUPPRESS_LOST: u32 = 5;
+    /// Alerts dropped because a capture stage could not be tail-called.
+    pub const STAGE_ERRORS: u32 = 6;
     pub const COUNT: u32 = 8;
 }
 

@@ -2,10 +2,16 @@
 //!
 //! The decision has already been taken when this runs: a full ring buffer or an exhausted budget
 //! only costs the alert, never the enforcement, and both are counted.
+//!
+//! The work is split in three so that each part is verified on its own: the hook stages the
+//! alert ([`stage`]), then tail-calls the program that captures the executable's path and the
+//! command line ([`capture_exe`]), which tail-calls the one that captures the parent and submits
+//! ([`capture_parent_and_submit`]). Done in one program, the path walks multiplied the states the
+//! verifier of older kernels (6.1) explores past its limit.
 
 use aya_ebpf::helpers::{
-    bpf_get_current_comm, bpf_get_current_uid_gid,
-    generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+    generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_ktime_get_boot_ns},
 };
 use icmp_guard_common::{
     Class,
@@ -15,7 +21,7 @@ use icmp_guard_common::{
 
 use crate::{
     decision::Socket,
-    maps::{EVENTS, PENDING_SOCKET, RATE, SUPPRESSED, count},
+    maps::{ALERTS_IN_FLIGHT, EVENTS, PENDING_SOCKET, RATE, SUPPRESSED, ZERO_ALERT, count},
     task,
 };
 
@@ -29,7 +35,6 @@ pub struct Decided<'a> {
     pub enforcer: u8,
     pub denied: bool,
     pub exe: (u64, u64),
-    pub current: usize,
     pub pid_tgid: u64,
     pub generation: u32,
 }
@@ -90,17 +95,28 @@ fn suppress(workload: u32) {
     }
 }
 
+/// Stages an alert for this thread: the cheap fields now, the paths and the command line in
+/// the tail-called stages (see `main.rs`). Returns false when no alert is due (rate limit) or
+/// it could not be staged (counted). The entry records whether the socket is refused; every
+/// stage returns the hook's verdict from it, so enforcement never depends on the alert.
 #[inline(always)]
-pub fn emit(d: &Decided, settings: &Settings) {
+pub fn stage(d: &Decided, settings: &Settings) -> bool {
     let now = unsafe { bpf_ktime_get_boot_ns() };
     if !admit(d.workload, settings.alerts_per_sec, now) {
-        return;
+        return false;
     }
-    let Some(mut entry) = EVENTS.reserve::<SocketEvent>(0) else {
-        count(counter::RINGBUF_FULL);
-        return;
+    // A thread is inside one socket() call at a time, so its id keys the alert in flight.
+    let Some(template) = ZERO_ALERT.get_ptr(0) else {
+        return false;
     };
-    let ev = entry.as_mut_ptr();
+    if unsafe { ALERTS_IN_FLIGHT.insert(d.pid_tgid, &*template, 0) }.is_err() {
+        count(counter::RINGBUF_FULL);
+        return false;
+    }
+    let Some(pending) = ALERTS_IN_FLIGHT.get_ptr_mut(d.pid_tgid) else {
+        count(counter::RINGBUF_FULL);
+        return false;
+    };
     let uid_gid = bpf_get_current_uid_gid();
     let mut fl: u16 = if d.denied { flags::DENIED } else { 0 };
     if d.action == Action::Block && !d.denied {
@@ -123,8 +139,9 @@ pub fn emit(d: &Decided, settings: &Settings) {
         }
     }
     let _ = PENDING_SOCKET.remove(d.pid_tgid);
-
     unsafe {
+        (*pending).denied = d.denied as u32;
+        let ev = &raw mut (*pending).event;
         (*ev).boot_ns = now;
         (*ev).cgroup_id = bpf_get_current_cgroup_id();
         (*ev).exe_dev = d.exe.0;
@@ -143,34 +160,95 @@ pub fn emit(d: &Decided, settings: &Settings) {
         (*ev).matched = d.matched;
         (*ev).enforcer = d.enforcer;
         (*ev).generation = d.generation as u8;
-        (*ev)._pad = [0; 5];
         (*ev).comm = bpf_get_current_comm().unwrap_or([0; 16]);
-        (*ev).host_ppid = 0;
-        (*ev).ns_pid = 0;
-        (*ev).ns_ppid = 0;
-        (*ev).exe_len = 0;
-        (*ev).parent_len = 0;
-        (*ev).cmdline_len = 0;
+        if !task::offsets_valid() {
+            fl |= flags::NO_EXE;
+        }
+        (*ev).flags = fl;
+    }
+    true
+}
 
-        if task::offsets_valid() {
-            let (level, ns_pid) = task::ns_tgid(d.current, None).unwrap_or((0, 0));
-            (*ev).ns_pid = ns_pid;
-            match task::exe_file(d.current) {
-                Ok(file) if file != 0 => {
-                    let (n, complete) = task::write_path(file, (*ev).exe.as_mut_ptr());
-                    (*ev).exe_len = n;
-                    if !complete {
-                        fl |= flags::EXE_TRUNCATED;
-                    }
+/// A tail call failed (an empty stage slot): the alert is dropped, counted, and the entry freed.
+#[inline(always)]
+pub fn abandon() {
+    count(counter::STAGE_ERRORS);
+    let _ = ALERTS_IN_FLIGHT.remove(bpf_get_current_pid_tgid());
+}
+
+/// The hook's verdict for this thread's staged alert, as one of the hook's own constants (the
+/// verifier must see that a cgroup program returns 0 or 1). The entry cannot be missing here
+/// (only this thread's last stage removes it); should it be, the socket is allowed and the miss
+/// counted, rather than a refusal invented.
+#[inline(always)]
+fn staged_verdict(tid: u64, verdicts: (i32, i32)) -> i32 {
+    match ALERTS_IN_FLIGHT.get_ptr(tid) {
+        Some(p) if unsafe { (*p).denied } != 0 => verdicts.1,
+        Some(_) => verdicts.0,
+        None => {
+            count(counter::STAGE_ERRORS);
+            verdicts.0
+        }
+    }
+}
+
+/// [`abandon`] from inside a stage, which must still return the hook's verdict.
+#[inline(always)]
+pub fn abandon_with_verdict(verdicts: (i32, i32)) -> i32 {
+    let verdict = staged_verdict(bpf_get_current_pid_tgid(), verdicts);
+    abandon();
+    verdict
+}
+
+/// Stage 1: the executable's path and the command line.
+#[inline(always)]
+pub fn capture_exe() {
+    let tid = bpf_get_current_pid_tgid();
+    let Some(pending) = ALERTS_IN_FLIGHT.get_ptr_mut(tid) else {
+        return;
+    };
+    if !task::offsets_valid() {
+        return;
+    }
+    let current = unsafe { bpf_get_current_task() } as usize;
+    unsafe {
+        let ev = &raw mut (*pending).event;
+        let mut fl = (*ev).flags;
+        match task::exe_file(current) {
+            Ok(file) if file != 0 => {
+                let (n, complete) = task::write_path(file, (*ev).exe.as_mut_ptr());
+                (*ev).exe_len = n;
+                if !complete {
+                    fl |= flags::EXE_TRUNCATED;
                 }
-                _ => fl |= flags::NO_EXE,
             }
-            let (n, complete) = task::write_cmdline(d.current, (*ev).cmdline.as_mut_ptr());
-            (*ev).cmdline_len = n;
-            if !complete {
-                fl |= flags::CMDLINE_TRUNCATED;
-            }
-            if let Ok(parent) = task::real_parent(d.current) {
+            _ => fl |= flags::NO_EXE,
+        }
+        let (n, complete) = task::write_cmdline(current, (*ev).cmdline.as_mut_ptr());
+        (*ev).cmdline_len = n;
+        if !complete {
+            fl |= flags::CMDLINE_TRUNCATED;
+        }
+        (*ev).flags = fl;
+    }
+}
+
+/// Stage 2: the pids in the caller's namespace, the parent's executable, then the ring buffer.
+/// Returns the hook's verdict.
+#[inline(always)]
+pub fn capture_parent_and_submit(verdicts: (i32, i32)) -> i32 {
+    let tid = bpf_get_current_pid_tgid();
+    let verdict = staged_verdict(tid, verdicts);
+    let Some(pending) = ALERTS_IN_FLIGHT.get_ptr_mut(tid) else {
+        return verdict;
+    };
+    let current = unsafe { bpf_get_current_task() } as usize;
+    unsafe {
+        let ev = &raw mut (*pending).event;
+        if task::offsets_valid() {
+            let (level, ns_pid) = task::ns_tgid(current, None).unwrap_or((0, 0));
+            (*ev).ns_pid = ns_pid;
+            if let Ok(parent) = task::real_parent(current) {
                 (*ev).host_ppid = task::tgid(parent).unwrap_or(0);
                 (*ev).ns_ppid = task::ns_tgid(parent, Some(level)).map(|r| r.1).unwrap_or(0);
                 if let Ok(file) = task::exe_file(parent) {
@@ -178,15 +256,16 @@ pub fn emit(d: &Decided, settings: &Settings) {
                         let (n, complete) = task::write_path(file, (*ev).parent_exe.as_mut_ptr());
                         (*ev).parent_len = n;
                         if !complete {
-                            fl |= flags::PARENT_TRUNCATED;
+                            (*ev).flags |= flags::PARENT_TRUNCATED;
                         }
                     }
                 }
             }
-        } else {
-            fl |= flags::NO_EXE;
         }
-        (*ev).flags = fl;
+        if EVENTS.output::<SocketEvent>(&*ev, 0).is_err() {
+            count(counter::RINGBUF_FULL);
+        }
     }
-    entry.submit(0);
+    let _ = ALERTS_IN_FLIGHT.remove(tid);
+    verdict
 }

@@ -34,24 +34,35 @@ pub struct Socket {
     pub protocol: u32,
 }
 
-/// Returns true when the socket may be created.
+/// The outcome for the hook: whether the socket may be created, and whether an alert was
+/// staged for the capture stages.
+pub struct Outcome {
+    pub allow: bool,
+    pub staged: bool,
+}
+
+const ALLOW: Outcome = Outcome {
+    allow: true,
+    staged: false,
+};
+
 #[inline(always)]
-pub fn decide(sock: &Socket, enforcer: u8) -> bool {
+pub fn decide(sock: &Socket, enforcer: u8) -> Outcome {
     let class = classify(sock.family, sock.sock_type, sock.protocol);
     if class == Class::Unmanaged {
-        return true;
+        return ALLOW;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let agent = unsafe { core::ptr::read_volatile(&raw const AGENT_TGID) };
     if (pid_tgid >> 32) as u32 == agent {
-        return true;
+        return ALLOW;
     }
     let Some(generation) = ACTIVE.get(0).copied() else {
-        return true;
+        return ALLOW;
     };
     let generation = generation & 1;
     let Some(settings) = SETTINGS.get(generation).copied() else {
-        return true;
+        return ALLOW;
     };
     let workload = find_workload(generation, &settings);
     let Some(wp) = (unsafe {
@@ -62,11 +73,11 @@ pub fn decide(sock: &Socket, enforcer: u8) -> bool {
     })
     .copied() else {
         // No policy for this workload: no decision and no event, as in KubeArmor.
-        return true;
+        return ALLOW;
     };
     let bit = class.bit();
     if wp.rule_classes & bit == 0 && wp.posture_classes & bit == 0 {
-        return true;
+        return ALLOW;
     }
     count(counter::DECIDED);
 
@@ -116,11 +127,11 @@ pub fn decide(sock: &Socket, enforcer: u8) -> bool {
         found = Some((wp.posture_action, RULE_POSTURE, matched::POSTURE));
     }
     let Some((action, rule, how)) = found else {
-        return true;
+        return ALLOW;
     };
     let action = Action::from_u8(action);
     if action == Action::Allow {
-        return true;
+        return ALLOW;
     }
     let denied = action == Action::Block && settings.audit_only == 0;
     if denied {
@@ -128,7 +139,7 @@ pub fn decide(sock: &Socket, enforcer: u8) -> bool {
     } else {
         count(counter::AUDITED);
     }
-    alert::emit(
+    let staged = alert::stage(
         &Decided {
             sock,
             class,
@@ -139,13 +150,15 @@ pub fn decide(sock: &Socket, enforcer: u8) -> bool {
             enforcer,
             denied,
             exe,
-            current,
             pid_tgid,
             generation,
         },
         &settings,
     );
-    !denied
+    Outcome {
+        allow: !denied,
+        staged,
+    }
 }
 
 /// The workload of the caller: the deepest ancestor of its cgroup (itself included) that the

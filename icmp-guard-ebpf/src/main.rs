@@ -3,7 +3,8 @@
 //! Two enforcers share [`decision::decide`]: the BPF LSM `socket_create` hook (primary: sees every
 //! family, runs before the socket exists) and `cgroup/sock_create` (fallback where LSM programs
 //! cannot load: inet sockets only, after the kernel's own permission checks). A tracepoint on
-//! `sys_enter_socket` keeps the `SOCK_NONBLOCK`/`SOCK_CLOEXEC` flags for the alert.
+//! `sys_enter_socket` keeps the `SOCK_NONBLOCK`/`SOCK_CLOEXEC` flags for the alert. Each hook
+//! has two tail-called capture stages (see `alert.rs`), which return the hook's verdict.
 #![no_std]
 #![no_main]
 
@@ -19,9 +20,21 @@ use aya_ebpf::{
 };
 use icmp_guard_common::{event::enforcer, maps::PendingSocket};
 
-use crate::{decision::Socket, maps::PENDING_SOCKET};
+use crate::{
+    decision::Socket,
+    maps::{CGROUP_STAGES, LSM_STAGES, PENDING_SOCKET},
+};
 
 const EPERM: i32 = 1;
+
+/// LSM hooks return 0 to allow and a negative errno to refuse.
+const LSM_VERDICTS: (i32, i32) = (0, -EPERM);
+/// cgroup/sock_create returns 1 to allow and 0 to refuse (the caller sees EPERM).
+const CGROUP_VERDICTS: (i32, i32) = (1, 0);
+
+/// Stage indices in `LSM_STAGES` / `CGROUP_STAGES`.
+const STAGE_EXE: u32 = 0;
+const STAGE_PARENT: u32 = 1;
 
 #[lsm(hook = "socket_create")]
 pub fn socket_create(ctx: LsmContext) -> i32 {
@@ -44,11 +57,30 @@ pub fn socket_create(ctx: LsmContext) -> i32 {
         sock_type: sock_type as u32,
         protocol: protocol as u32,
     };
-    if decision::decide(&sock, enforcer::LSM) {
-        0
+    let out = decision::decide(&sock, enforcer::LSM);
+    let verdict = if out.allow {
+        LSM_VERDICTS.0
     } else {
-        -EPERM
+        LSM_VERDICTS.1
+    };
+    if out.staged {
+        // Does not return when it succeeds: the stages return the verdict.
+        let _ = unsafe { LSM_STAGES.tail_call(&ctx, STAGE_EXE) };
+        alert::abandon();
     }
+    verdict
+}
+
+#[lsm(hook = "socket_create")]
+pub fn socket_create_capture_exe(ctx: LsmContext) -> i32 {
+    alert::capture_exe();
+    let _ = unsafe { LSM_STAGES.tail_call(&ctx, STAGE_PARENT) };
+    alert::abandon_with_verdict(LSM_VERDICTS)
+}
+
+#[lsm(hook = "socket_create")]
+pub fn socket_create_capture_parent(_ctx: LsmContext) -> i32 {
+    alert::capture_parent_and_submit(LSM_VERDICTS)
 }
 
 #[cgroup_sock(sock_create)]
@@ -61,11 +93,29 @@ pub fn sock_create(ctx: SockContext) -> i32 {
         sock_type,
         protocol,
     };
-    if decision::decide(&sock, enforcer::CGROUP) {
-        1
+    let out = decision::decide(&sock, enforcer::CGROUP);
+    let verdict = if out.allow {
+        CGROUP_VERDICTS.0
     } else {
-        0
+        CGROUP_VERDICTS.1
+    };
+    if out.staged {
+        let _ = unsafe { CGROUP_STAGES.tail_call(&ctx, STAGE_EXE) };
+        alert::abandon();
     }
+    verdict
+}
+
+#[cgroup_sock(sock_create)]
+pub fn sock_create_capture_exe(ctx: SockContext) -> i32 {
+    alert::capture_exe();
+    let _ = unsafe { CGROUP_STAGES.tail_call(&ctx, STAGE_PARENT) };
+    alert::abandon_with_verdict(CGROUP_VERDICTS)
+}
+
+#[cgroup_sock(sock_create)]
+pub fn sock_create_capture_parent(_ctx: SockContext) -> i32 {
+    alert::capture_parent_and_submit(CGROUP_VERDICTS)
 }
 
 #[tracepoint]

@@ -480,6 +480,14 @@ async fn announce_losses(shared: &Shared, tx: &mpsc::Sender<Alert>, seen: &mut L
                     shared.limit,
                 ));
             }
+            if c.stage_errors > seen.counters.stage_errors {
+                events.push(ctx.loss_event(
+                    "lost because an alert capture stage could not run",
+                    c.stage_errors - seen.counters.stage_errors,
+                    None,
+                    shared.limit,
+                ));
+            }
             seen.counters = c;
         }
         let userspace = shared.dropped_in_userspace.load(Ordering::Relaxed);

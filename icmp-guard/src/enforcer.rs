@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
     programs::{CgroupAttachMode, CgroupSock, Lsm, ProgramError, TracePoint},
 };
 use icmp_guard_common::{
@@ -112,13 +112,63 @@ fn load_object(offsets: &KernelOffsets) -> Result<Ebpf> {
         .context("loading the icmp-guard kernel object (maps and programs)")
 }
 
-/// Tries to load the LSM program; `Ok(false)` when the kernel refuses LSM programs.
+/// The LSM hook and its two alert-capture stages (tail-called, so each is verified on its own).
+const LSM_PROGRAMS: [&str; 3] = [
+    "socket_create",
+    "socket_create_capture_exe",
+    "socket_create_capture_parent",
+];
+const CGROUP_PROGRAMS: [&str; 3] = [
+    "sock_create",
+    "sock_create_capture_exe",
+    "sock_create_capture_parent",
+];
+
+/// Loads the LSM programs; the inner `Err` is the kernel refusing them (no BPF LSM, or the
+/// verifier), the outer one anything else.
 fn try_load_lsm(ebpf: &mut Ebpf, btf: &Btf) -> Result<std::result::Result<(), ProgramError>> {
-    let prog: &mut Lsm = ebpf
-        .program_mut("socket_create")
-        .ok_or_else(|| anyhow!("kernel object has no socket_create program"))?
-        .try_into()?;
-    Ok(prog.load("socket_create", btf))
+    for name in LSM_PROGRAMS {
+        let prog: &mut Lsm = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("kernel object has no {name} program"))?
+            .try_into()?;
+        if let Err(e) = prog.load("socket_create", btf) {
+            return Ok(Err(e));
+        }
+    }
+    Ok(Ok(()))
+}
+
+fn load_cgroup(ebpf: &mut Ebpf) -> Result<()> {
+    for name in CGROUP_PROGRAMS {
+        let prog: &mut CgroupSock = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("kernel object has no {name} program"))?
+            .try_into()?;
+        prog.load().map_err(|e| {
+            anyhow!("the kernel refused the cgroup/sock_create program {name}: {e}")
+        })?;
+    }
+    Ok(())
+}
+
+/// Puts the two capture stages of `programs` into the tail-call array `map`.
+fn install_stages(ebpf: &mut Ebpf, map: &str, programs: [&str; 3]) -> Result<()> {
+    let mut fds = Vec::new();
+    for name in &programs[1..] {
+        let prog = ebpf
+            .program(name)
+            .ok_or_else(|| anyhow!("kernel object has no {name} program"))?;
+        fds.push(prog.fd()?.try_clone()?);
+    }
+    let mut stages: ProgramArray<&mut MapData> = ProgramArray::try_from(
+        ebpf.map_mut(map)
+            .ok_or_else(|| anyhow!("kernel object has no map {map}"))?,
+    )?;
+    for (i, fd) in fds.iter().enumerate() {
+        stages.set(i as u32, fd, 0)?;
+    }
+    Ok(())
 }
 
 impl Enforcer {
@@ -172,6 +222,7 @@ impl Enforcer {
         log::debug!("attaching the {} program", kind.name());
         match kind {
             EnforcerKind::Lsm => {
+                install_stages(&mut enforcer.ebpf, m::MAP_LSM_STAGES, LSM_PROGRAMS)?;
                 let prog: &mut Lsm = enforcer
                     .ebpf
                     .program_mut("socket_create")
@@ -181,14 +232,13 @@ impl Enforcer {
                     .context("attaching the LSM socket_create program")?;
             }
             EnforcerKind::Cgroup => {
+                load_cgroup(&mut enforcer.ebpf)?;
+                install_stages(&mut enforcer.ebpf, m::MAP_CGROUP_STAGES, CGROUP_PROGRAMS)?;
                 let prog: &mut CgroupSock = enforcer
                     .ebpf
                     .program_mut("sock_create")
-                    .ok_or_else(|| anyhow!("kernel object has no sock_create program"))?
+                    .expect("loaded above")
                     .try_into()?;
-                prog.load().map_err(|e| {
-                    anyhow!("the kernel refused the cgroup/sock_create program: {e}")
-                })?;
                 let dir = File::open(opts.cgroup)
                     .with_context(|| format!("opening cgroup {}", opts.cgroup.display()))?;
                 // aya attaches through a bpf_link, and cgroup links always run beside other
@@ -374,6 +424,7 @@ impl Enforcer {
             decided: sum(counter::DECIDED)?,
             identity_errors: sum(counter::IDENTITY_ERRORS)?,
             suppress_lost: sum(counter::SUPPRESS_LOST)?,
+            stage_errors: sum(counter::STAGE_ERRORS)?,
         })
     }
 
@@ -400,13 +451,18 @@ pub struct Counters {
     pub decided: u64,
     pub identity_errors: u64,
     pub suppress_lost: u64,
+    pub stage_errors: u64,
 }
 
 /// Loads (without attaching) the LSM program: the only reliable test of whether this kernel
 /// accepts LSM programs.
+///
+/// The real offsets matter: they sit in frozen `.rodata`, so with zeroed ones the verifier would
+/// drop everything behind the validity check and accept a program it would refuse in earnest.
 pub fn probe_lsm() -> Result<()> {
     let btf = Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?;
-    let mut ebpf = load_object(&KernelOffsets::default())?;
+    let offsets = crate::kernel_offsets::from_running_kernel()?;
+    let mut ebpf = load_object(&offsets)?;
     try_load_lsm(&mut ebpf, &btf)?.map_err(|e| anyhow!("{}", short_error(&e)))
 }
 
