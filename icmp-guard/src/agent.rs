@@ -337,8 +337,10 @@ async fn serve(
 
     let writer = tokio::task::spawn_blocking(move || -> Result<()> {
         while let Some(a) = rx.blocking_recv() {
-            serde_json::to_writer(&mut out, &a)?;
-            out.write_all(b"\n")?;
+            // One write per alert: a reader tailing the file never sees half a line from us.
+            let mut line = serde_json::to_vec(&a)?;
+            line.push(b'\n');
+            out.write_all(&line)?;
             out.flush()?;
         }
         Ok(())

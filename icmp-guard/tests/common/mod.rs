@@ -238,8 +238,10 @@ impl Agent {
     }
 
     pub fn alerts(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.alerts)
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(&self.alerts).unwrap_or_default();
+        // A line still being written has no newline yet; it is read on the next poll.
+        let complete = text.rfind('\n').map(|i| &text[..=i]).unwrap_or("");
+        complete
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad alert {l}: {e}")))
             .collect()

@@ -197,12 +197,13 @@ pub fn build(dir: &Path, contents: &Contents<'_>) -> Result<PathBuf> {
     for d in contents.empty_dirs {
         st.guest_dir(d)?;
     }
-    // Written after the includes so the contract (root/nobody, localhost, files-only
-    // NSS) holds even if someone includes the host's /etc.
+    // Written after the includes so the contract (root/nobody, localhost, files then
+    // loopback-only DNS) holds even if someone includes the host's /etc.
     st.write_file("/etc/passwd", PASSWD, 0o644)?;
     st.write_file("/etc/group", GROUP, 0o644)?;
     st.write_file("/etc/hosts", HOSTS, 0o644)?;
     st.write_file("/etc/nsswitch.conf", NSSWITCH, 0o644)?;
+    st.write_file("/etc/resolv.conf", RESOLV_CONF, 0o644)?;
     st.write_file("/etc/hostname", "icmp-guard-vm\n", 0o644)?;
     st.write_file("/init", &render_init(contents)?, 0o755)?;
 
@@ -219,9 +220,12 @@ const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\n\
 // Debian calls gid 65534 "nogroup"; "nobody" is there too for tools that expect it.
 const GROUP: &str = "root:x:0:\nnogroup:x:65534:\nnobody:x:65534:\n";
 const HOSTS: &str = "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n";
-// glibc >= 2.34 has the files backend built in, so no libnss_*.so is needed.
-const NSSWITCH: &str = "passwd: files\ngroup: files\nshadow: files\nhosts: files\n\
+// glibc >= 2.34 has the files and dns backends built in, so no libnss_*.so is needed. Names
+// resolve through DNS after /etc/hosts as on a real node: the seed scenario needs hping3's
+// resolver to open its udp socket. The only nameserver is loopback and the VM has no NIC.
+const NSSWITCH: &str = "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n\
                         networks: files\nprotocols: files\nservices: files\n";
+const RESOLV_CONF: &str = "nameserver 127.0.0.1\n";
 
 /// POSIX-shell single quoting.
 pub fn sh_quote(s: &str) -> String {

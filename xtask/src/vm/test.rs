@@ -1,9 +1,9 @@
-//! `cargo xtask vm-test`: runs icmp-guard's `enforcement` integration tests inside
-//! a VM booted with the BPF LSM on, once per requested kernel.
+//! `cargo xtask vm-test`: runs icmp-guard's end-to-end integration tests (`enforcement` and
+//! `kubearmor_scenario`) inside a VM booted with the BPF LSM on, once per requested kernel.
 //!
-//! Contract with `icmp-guard/tests/enforcement.rs` (paths inside the VM):
-//! - the test executable is `/opt/icmp-guard/enforcement-tests`, run as root with
-//!   `--test-threads=1` from /root;
+//! Contract with `icmp-guard/tests/*.rs` (paths inside the VM):
+//! - the test executables are `/opt/icmp-guard/<suite>-tests`, run one after the other as root
+//!   with `--test-threads=1` from /root;
 //! - `ICMP_GUARD_ENFORCER=lsm`, `ICMP_GUARD_BIN=/usr/local/bin/icmp-guard` (the
 //!   agent), `ICMP_GUARD_POLICIES=/opt/icmp-guard/policies` (the repo's policies/),
 //!   `ICMP_GUARD_TEST_DATA=/opt/icmp-guard/tests-data` (icmp-guard/tests/data, or
@@ -13,9 +13,9 @@
 //! - proc, sysfs, securityfs, bpffs, tracefs, cgroup2 (/sys/fs/cgroup), tmpfs on
 //!   /tmp and /run are mounted; lo is up; no other network.
 //!
-//! A kernel passes only if the VM reports the test executable's exit code 0 AND the
-//! console shows libtest's `test result: ok.` with at least one test passed and
-//! none failed, ignored or filtered out.
+//! A kernel passes only if the VM reports exit code 0 AND the console shows one libtest
+//! `test result: ok.` line per suite, with tests passed and none failed, ignored or filtered
+//! out.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -28,7 +28,14 @@ use super::initramfs::{self, Include};
 use super::qemu::{self, DEFAULT_TIMEOUT_SECS, VmSpec};
 use super::{GuestExit, Kernel, KernelChoice, cargo_bin, workspace_root};
 
-const GUEST_TESTS: &str = "/opt/icmp-guard/enforcement-tests";
+/// (test target, path inside the VM) of every suite that runs there.
+const SUITES: [(&str, &str); 2] = [
+    ("enforcement", "/opt/icmp-guard/enforcement-tests"),
+    (
+        "kubearmor_scenario",
+        "/opt/icmp-guard/kubearmor_scenario-tests",
+    ),
+];
 const GUEST_AGENT: &str = "/usr/local/bin/icmp-guard";
 const GUEST_POLICIES: &str = "/opt/icmp-guard/policies";
 const GUEST_TEST_DATA: &str = "/opt/icmp-guard/tests-data";
@@ -41,8 +48,8 @@ pub struct VmTestArgs {
     /// Seconds before a VM is killed and its run counts as failed
     #[arg(long, default_value_t = DEFAULT_TIMEOUT_SECS)]
     pub timeout: u64,
-    /// Use this test executable instead of building `--test enforcement` (for
-    /// iterating on the VM side without a rebuild)
+    /// Use this test executable (run in place of every suite) instead of building the suites
+    /// (for iterating on the VM side without a rebuild)
     #[arg(long, value_name = "PATH")]
     pub test_exe: Option<PathBuf>,
     /// Use this agent binary instead of building `-p icmp-guard --release`
@@ -58,11 +65,11 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         Some(p) => p.clone(),
         None => build_agent()?,
     };
-    let tests = match &args.test_exe {
-        Some(p) => p.clone(),
+    let tests: Vec<(PathBuf, &str)> = match &args.test_exe {
+        Some(p) => vec![(p.clone(), SUITES[0].1)],
         None => build_tests()?,
     };
-    for p in [&agent, &tests] {
+    for p in std::iter::once(&agent).chain(tests.iter().map(|(p, _)| p)) {
         if !p.is_file() {
             bail!("{} does not exist", p.display());
         }
@@ -76,7 +83,7 @@ pub fn run(args: VmTestArgs) -> Result<()> {
             kernel: *kernel,
             ..spec_base.clone_spec()
         };
-        let row = run_one(&spec, !args.test_args.is_empty());
+        let row = run_one(&spec, !args.test_args.is_empty(), tests.len() as u32);
         if let Err(e) = &row.verdict {
             eprintln!("vm-test: kernel {kernel}: FAILED: {e:#}");
         }
@@ -136,16 +143,17 @@ impl SpecBase {
     }
 }
 
-fn test_spec(agent: &Path, tests: &Path, args: &VmTestArgs) -> Result<SpecBase> {
+fn test_spec(agent: &Path, tests: &[(PathBuf, &str)], args: &VmTestArgs) -> Result<SpecBase> {
     let root = workspace_root();
-    let mut includes = vec![
-        Include::at(tests, GUEST_TESTS),
-        Include::at(agent, GUEST_AGENT),
-        Include::same("/bin/true"),
-    ];
+    let mut includes = vec![Include::at(agent, GUEST_AGENT), Include::same("/bin/true")];
+    for (host, guest) in tests {
+        includes.push(Include::at(host, guest));
+    }
     for (path, package) in [
         ("/usr/bin/ping", "iputils-ping"),
         ("/usr/sbin/hping3", "hping3"),
+        // The seed scenario runs hping3 from bash, as the seed did.
+        ("/usr/bin/bash", "bash"),
     ] {
         if !Path::new(path).exists() {
             bail!("{path} not found: apt-get install -y {package}");
@@ -190,8 +198,18 @@ fn test_spec(agent: &Path, tests: &Path, args: &VmTestArgs) -> Result<SpecBase> 
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    let mut command = vec![GUEST_TESTS.to_string(), "--test-threads=1".to_string()];
-    command.extend(args.test_args.iter().cloned());
+    // Every suite runs even when an earlier one fails; the exit code is 0 only if all passed.
+    let extra: String = args
+        .test_args
+        .iter()
+        .map(|a| format!(" '{}'", a.replace('\'', "'\\''")))
+        .collect();
+    let mut script = String::from("status=0");
+    for (_, guest) in tests {
+        script.push_str(&format!("; {guest} --test-threads=1{extra} || status=1"));
+    }
+    script.push_str("; exit $status");
+    let command = vec!["/bin/sh".to_string(), "-c".to_string(), script];
     Ok(SpecBase {
         includes,
         empty_dirs,
@@ -219,7 +237,7 @@ struct Row {
     verdict: Result<()>,
 }
 
-fn run_one(spec: &VmSpec, user_filter: bool) -> Row {
+fn run_one(spec: &VmSpec, user_filter: bool, suites: u32) -> Row {
     let mut row = Row {
         kernel: spec.kernel,
         release: None,
@@ -245,12 +263,19 @@ fn run_one(spec: &VmSpec, user_filter: bool) -> Row {
         outcome.exit_code,
         outcome.lsm.as_deref(),
         user_filter,
+        suites,
     )
     .map_err(|e| anyhow!("{e:#} (console log: {})", outcome.log.display()));
     row
 }
 
-fn judge(s: &Summary, exit_code: i32, lsm: Option<&str>, user_filter: bool) -> Result<()> {
+fn judge(
+    s: &Summary,
+    exit_code: i32,
+    lsm: Option<&str>,
+    user_filter: bool,
+    suites: u32,
+) -> Result<()> {
     // ICMP_GUARD_ENFORCER=lsm is meaningless if the kernel did not enable the BPF LSM.
     if !lsm.is_some_and(|l| l.split(',').any(|m| m == "bpf")) {
         bail!(
@@ -263,6 +288,12 @@ fn judge(s: &Summary, exit_code: i32, lsm: Option<&str>, user_filter: bool) -> R
     }
     if s.results == 0 {
         bail!("no libtest summary line (`test result: ...`) on the console");
+    }
+    if s.results < suites {
+        bail!(
+            "{} libtest summary line(s) for {suites} suites: a suite did not run to the end",
+            s.results
+        );
     }
     if !s.all_ok || s.failed > 0 {
         bail!("libtest reported failures ({} failed)", s.failed);
@@ -359,20 +390,24 @@ fn build_agent() -> Result<PathBuf> {
     .context("`cargo build --release -p icmp-guard` produced no icmp-guard binary")
 }
 
-fn build_tests() -> Result<PathBuf> {
-    let artifacts = cargo_json(&[
-        "test",
-        "--release",
-        "-p",
-        "icmp-guard",
-        "--test",
-        "enforcement",
-        "--no-run",
-    ])?;
-    find_artifact(&artifacts, |a| {
-        a["target"]["name"] == "enforcement" && a["profile"]["test"] == true
-    })
-    .context("`cargo test --test enforcement --no-run` produced no test executable")
+fn build_tests() -> Result<Vec<(PathBuf, &'static str)>> {
+    let mut args = vec!["test", "--release", "-p", "icmp-guard", "--no-run"];
+    for (target, _) in SUITES {
+        args.extend(["--test", target]);
+    }
+    let artifacts = cargo_json(&args)?;
+    SUITES
+        .iter()
+        .map(|(target, guest)| {
+            let exe = find_artifact(&artifacts, |a| {
+                a["target"]["name"] == *target && a["profile"]["test"] == true
+            })
+            .with_context(|| {
+                format!("`cargo test --test {target} --no-run` produced no test executable")
+            })?;
+            Ok((exe, *guest))
+        })
+        .collect()
 }
 
 /// Runs cargo with `--message-format=json-render-diagnostics` (diagnostics still
@@ -427,7 +462,7 @@ mod tests {
                 ..Summary::default()
             }
         );
-        assert!(judge(&s, 0, Some("lockdown,capability,bpf"), false).is_ok());
+        assert!(judge(&s, 0, Some("lockdown,capability,bpf"), false, 1).is_ok());
     }
 
     #[test]
@@ -435,27 +470,29 @@ mod tests {
         let bpf = Some("lockdown,capability,bpf");
         let ok = parse_libtest(OK);
         // The LSM must be on, the exit code 0, and the summary present.
-        assert!(judge(&ok, 0, Some("lockdown,capability"), false).is_err());
-        assert!(judge(&ok, 0, None, false).is_err());
-        assert!(judge(&ok, 101, bpf, false).is_err());
-        assert!(judge(&parse_libtest("running 0 tests\n"), 0, bpf, false).is_err());
+        assert!(judge(&ok, 0, Some("lockdown,capability"), false, 1).is_err());
+        assert!(judge(&ok, 0, None, false, 1).is_err());
+        assert!(judge(&ok, 101, bpf, false, 1).is_err());
+        assert!(judge(&parse_libtest("running 0 tests\n"), 0, bpf, false, 1).is_err());
         let none = parse_libtest(
             "test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.0s\n",
         );
-        assert!(judge(&none, 0, bpf, false).is_err());
+        assert!(judge(&none, 0, bpf, false, 1).is_err());
         let ignored = parse_libtest(
             "test result: ok. 2 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.0s\n",
         );
-        assert!(judge(&ignored, 0, bpf, false).is_err());
+        assert!(judge(&ignored, 0, bpf, false, 1).is_err());
         let failed = parse_libtest(
             "test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.0s\n",
         );
         assert!(!failed.all_ok);
-        assert!(judge(&failed, 0, bpf, false).is_err());
+        assert!(judge(&failed, 0, bpf, false, 1).is_err());
         let filtered = parse_libtest(
             "test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 4 filtered out; finished in 0.0s\n",
         );
-        assert!(judge(&filtered, 0, bpf, false).is_err());
-        assert!(judge(&filtered, 0, bpf, true).is_ok());
+        assert!(judge(&filtered, 0, bpf, false, 1).is_err());
+        assert!(judge(&filtered, 0, bpf, true, 1).is_ok());
+        // One summary for two suites: the second never finished.
+        assert!(judge(&ok, 0, bpf, false, 2).is_err());
     }
 }
