@@ -33,6 +33,11 @@ pub struct KernelOffsets {
     pub pid_numbers: u32,
     pub upid_nr: u32,
     pub upid_size: u32,
+    pub task_cgroups: u32,
+    pub css_set_dfl_cgrp: u32,
+    pub cgroup_kn: u32,
+    pub kernfs_node_parent: u32,
+    pub kernfs_node_id: u32,
     /// 1 once the agent has filled the struct; the programs refuse to guess otherwise.
     pub valid: u32,
 }

@@ -4,8 +4,7 @@
 //! policy into exactly the keys looked up here.
 
 use aya_ebpf::helpers::{
-    bpf_get_current_pid_tgid, bpf_get_current_task,
-    generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
+    bpf_get_current_pid_tgid, bpf_get_current_task, generated::bpf_get_current_cgroup_id,
 };
 use icmp_guard_common::{
     Class, classify,
@@ -161,39 +160,47 @@ pub fn decide(sock: &Socket, enforcer: u8) -> Outcome {
     }
 }
 
-/// The workload of the caller: the deepest ancestor of its cgroup (itself included) that the
-/// agent declared, or the host.
+/// The workload of the caller: the deepest cgroup on its path to the root (its own included)
+/// that the agent declared, or the host.
+///
+/// The ancestors are found by walking kernfs parents rather than with
+/// `bpf_get_current_ancestor_cgroup_id`, which Debian's 5.10 refuses in LSM programs
+/// ("unknown func"): one path for every kernel.
 #[inline(always)]
 fn find_workload(generation: u32, settings: &Settings) -> u32 {
     if settings.has_workloads == 0 {
         return HOST_WORKLOAD;
     }
+    let key = |cgroup_id| CgroupKey {
+        generation,
+        _pad: 0,
+        cgroup_id,
+    };
     let own = unsafe { bpf_get_current_cgroup_id() };
-    if let Some(w) = unsafe {
-        WORKLOAD_OF_CGROUP.get(CgroupKey {
-            generation,
-            _pad: 0,
-            cgroup_id: own,
-        })
-    } {
+    if let Some(w) = unsafe { WORKLOAD_OF_CGROUP.get(key(own)) } {
         return *w;
     }
-    // Ancestors from the deepest level up; levels deeper than the caller's cgroup return 0.
-    let mut level = MAX_CGROUP_DEPTH as i32;
-    while level > 0 {
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
-        if id != 0 {
-            if let Some(w) = unsafe {
-                WORKLOAD_OF_CGROUP.get(CgroupKey {
-                    generation,
-                    _pad: 0,
-                    cgroup_id: id,
-                })
-            } {
-                return *w;
-            }
+    if !task::offsets_valid() {
+        return HOST_WORKLOAD;
+    }
+    let current = unsafe { bpf_get_current_task() } as usize;
+    let Ok(mut kn) = task::cgroup_node(current).and_then(task::kernfs_parent) else {
+        return HOST_WORKLOAD;
+    };
+    for _ in 0..MAX_CGROUP_DEPTH {
+        if kn == 0 {
+            break;
         }
-        level -= 1;
+        let Ok(id) = task::kernfs_id(kn) else {
+            break;
+        };
+        if let Some(w) = unsafe { WORKLOAD_OF_CGROUP.get(key(id)) } {
+            return *w;
+        }
+        let Ok(parent) = task::kernfs_parent(kn) else {
+            break;
+        };
+        kn = parent;
     }
     HOST_WORKLOAD
 }

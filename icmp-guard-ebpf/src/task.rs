@@ -40,6 +40,11 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     pid_numbers: 0,
     upid_nr: 0,
     upid_size: 0,
+    task_cgroups: 0,
+    css_set_dfl_cgrp: 0,
+    cgroup_kn: 0,
+    kernfs_node_parent: 0,
+    kernfs_node_id: 0,
     valid: 0,
 };
 
@@ -83,6 +88,25 @@ pub fn file_identity(file: usize) -> Result<(u64, u64), i32> {
     let sb: usize = read(inode, off!(inode_i_sb))?;
     let dev: u32 = read(sb, off!(sb_s_dev))?;
     Ok((dev as u64, ino))
+}
+
+/// The kernfs node of `task`'s cgroup in the v2 hierarchy (`task->cgroups->dfl_cgrp->kn`).
+/// Its `id` is the cgroup id, and its `parent` chain leads to the root cgroup.
+#[inline(always)]
+pub fn cgroup_node(task: usize) -> Result<usize, i32> {
+    let cset: usize = read(task, off!(task_cgroups))?;
+    let cgrp: usize = read(cset, off!(css_set_dfl_cgrp))?;
+    read(cgrp, off!(cgroup_kn))
+}
+
+#[inline(always)]
+pub fn kernfs_parent(kn: usize) -> Result<usize, i32> {
+    read(kn, off!(kernfs_node_parent))
+}
+
+#[inline(always)]
+pub fn kernfs_id(kn: usize) -> Result<u64, i32> {
+    read(kn, off!(kernfs_node_id))
 }
 
 pub fn real_parent(task: usize) -> Result<usize, i32> {

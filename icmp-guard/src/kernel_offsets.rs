@@ -53,6 +53,12 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         pid_numbers: f("pid", "numbers")?,
         upid_nr: f("upid", "nr")?,
         upid_size: struct_size(btf, "upid")? as u32,
+        task_cgroups: f("task_struct", "cgroups")?,
+        css_set_dfl_cgrp: f("css_set", "dfl_cgrp")?,
+        cgroup_kn: f("cgroup", "kn")?,
+        // Renamed `__parent` when it became RCU-protected (6.14 and later).
+        kernfs_node_parent: f("kernfs_node", "parent").or_else(|_| f("kernfs_node", "__parent"))?,
+        kernfs_node_id: f("kernfs_node", "id")?,
         valid: 1,
     })
 }
