@@ -183,11 +183,10 @@ pub fn abandon() {
 #[inline(always)]
 fn staged_verdict(tid: u64, verdicts: (i32, i32)) -> i32 {
     match ALERTS_IN_FLIGHT.get_ptr(tid) {
-        Some(p) if unsafe { (*p).denied } != 0 => verdicts.1,
-        Some(_) => verdicts.0,
+        Some(p) => crate::pick(unsafe { (*p).denied } == 0, verdicts),
         None => {
             count(counter::STAGE_ERRORS);
-            verdicts.0
+            crate::pick(true, verdicts)
         }
     }
 }

@@ -26,11 +26,24 @@ use crate::{
 };
 
 const EPERM: i32 = 1;
+const EACCES: i32 = 13;
 
 /// LSM hooks return 0 to allow and a negative errno to refuse.
 const LSM_VERDICTS: (i32, i32) = (0, -EPERM);
 /// cgroup/sock_create returns 1 to allow and 0 to refuse (the caller sees EPERM).
 const CGROUP_VERDICTS: (i32, i32) = (1, 0);
+
+/// The hook's constant for a decision. Written plainly, LLVM turns (0, -1) into `-(!allow)`, a
+/// negation the verifier cannot bound; from 6.10 on it then refuses the LSM program for not
+/// provably returning an errno. `black_box` keeps two constants on two branches.
+#[inline(always)]
+pub fn pick(allow: bool, verdicts: (i32, i32)) -> i32 {
+    if allow {
+        core::hint::black_box(verdicts.0)
+    } else {
+        core::hint::black_box(verdicts.1)
+    }
+}
 
 /// Stage indices in `LSM_STAGES` / `CGROUP_STAGES`.
 const STAGE_EXE: u32 = 0;
@@ -42,7 +55,10 @@ pub fn socket_create(ctx: LsmContext) -> i32 {
     // LSM programs that ran before this one.
     let previous: i32 = ctx.arg(4);
     if previous != 0 {
-        return previous;
+        // An earlier refusal stays a refusal. Kernels from 6.10 on verify that an LSM program
+        // returns an errno, which an unknown value cannot prove: EACCES (AppArmor's answer) is
+        // kept, anything else is reported as EPERM.
+        return if previous == -EACCES { -EACCES } else { -EPERM };
     }
     let kern: i32 = ctx.arg(3);
     if kern != 0 {
@@ -58,11 +74,7 @@ pub fn socket_create(ctx: LsmContext) -> i32 {
         protocol: protocol as u32,
     };
     let out = decision::decide(&sock, enforcer::LSM);
-    let verdict = if out.allow {
-        LSM_VERDICTS.0
-    } else {
-        LSM_VERDICTS.1
-    };
+    let verdict = pick(out.allow, LSM_VERDICTS);
     if out.staged {
         // Does not return when it succeeds: the stages return the verdict.
         let _ = unsafe { LSM_STAGES.tail_call(&ctx, STAGE_EXE) };
@@ -94,11 +106,7 @@ pub fn sock_create(ctx: SockContext) -> i32 {
         protocol,
     };
     let out = decision::decide(&sock, enforcer::CGROUP);
-    let verdict = if out.allow {
-        CGROUP_VERDICTS.0
-    } else {
-        CGROUP_VERDICTS.1
-    };
+    let verdict = pick(out.allow, CGROUP_VERDICTS);
     if out.staged {
         let _ = unsafe { CGROUP_STAGES.tail_call(&ctx, STAGE_EXE) };
         alert::abandon();
