@@ -2,6 +2,7 @@
 //! Rust than in shell. One module per subcommand; `main` only dispatches.
 
 mod bench_audit;
+mod bench_socket;
 mod vm;
 
 use std::process::ExitCode;
@@ -29,6 +30,8 @@ enum Cmd {
     VmTest(vm::test::VmTestArgs),
     /// Generate 10,000 security groups and compare `icmp-guard audit` with checkov on them
     BenchAudit(bench_audit::BenchAuditArgs),
+    /// Time socket() with and without the agent, side by side in one run.
+    BenchSocket(bench_socket::BenchSocketArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
         Cmd::VmRun(args) => vm::run::run(args),
         Cmd::VmTest(args) => vm::test::run(args),
         Cmd::BenchAudit(args) => bench_audit::run(args),
+        Cmd::BenchSocket(args) => bench_socket::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
