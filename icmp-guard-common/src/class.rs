@@ -133,3 +133,94 @@ fn classify_inet(family: u16, ty: u32, protocol: u32) -> Class {
         _ => Class::Other,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AF_RDS: u16 = 21;
+
+    #[test]
+    fn icmp_is_family_specific() {
+        assert_eq!(classify(AF_INET, SOCK_RAW, IPPROTO_ICMP), Class::Icmp);
+        assert_eq!(classify(AF_INET, SOCK_DGRAM, IPPROTO_ICMP), Class::Icmp);
+        assert_eq!(classify(AF_INET6, SOCK_RAW, IPPROTO_ICMPV6), Class::Icmpv6);
+        assert_eq!(
+            classify(AF_INET6, SOCK_DGRAM, IPPROTO_ICMPV6),
+            Class::Icmpv6
+        );
+        // Protocol numbers in the other family are not ICMP of that family.
+        assert_eq!(classify(AF_INET6, SOCK_RAW, IPPROTO_ICMP), Class::Raw);
+        assert_eq!(classify(AF_INET, SOCK_RAW, IPPROTO_ICMPV6), Class::Raw);
+        assert_eq!(classify(AF_INET6, SOCK_DGRAM, IPPROTO_ICMP), Class::Other);
+    }
+
+    #[test]
+    fn raw_is_any_other_inet_raw_protocol() {
+        for proto in [
+            IPPROTO_RAW,
+            IPPROTO_TCP,
+            IPPROTO_UDP,
+            112, /* VRRP */
+            89,  /* OSPF */
+        ] {
+            assert_eq!(classify(AF_INET, SOCK_RAW, proto), Class::Raw, "{proto}");
+            assert_eq!(classify(AF_INET6, SOCK_RAW, proto), Class::Raw, "{proto}");
+        }
+    }
+
+    #[test]
+    fn packet_is_the_family_whatever_the_type() {
+        for ty in [SOCK_RAW, SOCK_DGRAM, SOCK_PACKET] {
+            assert_eq!(classify(AF_PACKET, ty, 0x0300), Class::Packet);
+        }
+    }
+
+    #[test]
+    fn transport_classes_are_inet_only() {
+        assert_eq!(classify(AF_INET, SOCK_STREAM, 0), Class::Tcp);
+        assert_eq!(classify(AF_INET6, SOCK_STREAM, IPPROTO_TCP), Class::Tcp);
+        assert_eq!(classify(AF_INET, SOCK_DGRAM, 0), Class::Udp);
+        assert_eq!(classify(AF_INET6, SOCK_DGRAM, IPPROTO_UDP), Class::Udp);
+        assert_eq!(classify(AF_INET, SOCK_STREAM, IPPROTO_SCTP), Class::Sctp);
+        assert_eq!(classify(AF_INET, SOCK_SEQPACKET, 0), Class::Sctp);
+        assert_eq!(
+            classify(AF_INET, SOCK_STREAM, 262 /* MPTCP */),
+            Class::Other
+        );
+        assert_eq!(
+            classify(AF_INET, SOCK_DGRAM, 136 /* UDP-Lite */),
+            Class::Other
+        );
+        assert_eq!(classify(AF_INET, SOCK_DCCP, 0), Class::Other);
+    }
+
+    #[test]
+    fn other_families_are_never_managed() {
+        // KubeArmor counts these as tcp and raw; they are not network capability.
+        assert_eq!(classify(AF_UNIX, SOCK_STREAM, 0), Class::Unmanaged);
+        assert_eq!(classify(AF_NETLINK, SOCK_RAW, 0), Class::Unmanaged);
+        assert_eq!(classify(AF_RDS, SOCK_SEQPACKET, 0), Class::Unmanaged);
+    }
+
+    #[test]
+    fn type_flags_never_change_the_class() {
+        let flags = SOCK_NONBLOCK | SOCK_CLOEXEC;
+        assert_eq!(classify(AF_INET, SOCK_DGRAM | flags, 0), Class::Udp);
+        assert_eq!(
+            classify(AF_INET, SOCK_RAW | flags, IPPROTO_ICMP),
+            Class::Icmp
+        );
+    }
+
+    #[test]
+    fn class_bits_are_distinct_and_round_trip() {
+        let mut seen = 0u16;
+        for c in Class::ALL_MANAGED {
+            assert_eq!(seen & c.bit(), 0);
+            seen |= c.bit();
+            assert_eq!(Class::from_u8(c as u8), c);
+        }
+        assert_eq!(Class::ALL_MANAGED.len() + 1, CLASS_COUNT);
+    }
+}

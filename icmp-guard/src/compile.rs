@@ -306,3 +306,291 @@ pub fn selector_matches(sel: &Selector, labels: &BTreeMap<String, String>) -> bo
             LabelOperator::NotIn => !e.values.iter().any(|v| has(v)),
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::policy::{LabelExpression, Rule};
+
+    fn rule(classes: &[Class], sources: &[&Path], action: Action) -> Rule {
+        Rule {
+            classes: classes.to_vec(),
+            protocol: "test".into(),
+            sources: sources.iter().map(|p| p.to_path_buf()).collect(),
+            action,
+            severity: None,
+            tags: vec![],
+            message: None,
+            origin: Origin::default(),
+        }
+    }
+
+    fn pod_policy(name: &str, labels: &[(&str, &str)], rules: Vec<Rule>) -> Policy {
+        Policy {
+            name: name.into(),
+            namespace: Some("default".into()),
+            target: Target::Workloads(Selector {
+                match_labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                match_expressions: vec![],
+            }),
+            rules,
+            origin: Origin::default(),
+        }
+    }
+
+    fn nginx() -> Workload {
+        Workload {
+            id: 1,
+            name: "nginx".into(),
+            namespace: "default".into(),
+            labels: [("app".to_string(), "nginx".to_string())].into(),
+            pod: None,
+            container: None,
+            cgroup: PathBuf::from("/sys/fs/cgroup/nginx"),
+            cgroup_id: 4242,
+        }
+    }
+
+    fn compile_one(policies: Vec<Policy>, postures: &Postures) -> Compiled {
+        let set = PolicySet { policies };
+        let workloads = [nginx()];
+        compile(
+            &Input {
+                policies: &set,
+                workloads: &workloads,
+                node_labels: &BTreeMap::new(),
+                postures,
+                audit_only: false,
+                alerts_per_sec: 10,
+            },
+            &Resolver::host().unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// Two real files with distinct identities, as fromSource paths.
+    fn tools() -> (PathBuf, PathBuf, Resolver) {
+        let dir = std::env::temp_dir().join(format!("icmp-guard-compile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("ping"), dir.join("other"));
+        std::fs::write(&a, b"a").unwrap();
+        std::fs::write(&b, b"b").unwrap();
+        (a, b, Resolver::host().unwrap())
+    }
+
+    #[test]
+    fn the_seed_policy_compiles_to_source_rules_and_a_protocol_scoped_posture() {
+        let (ping, _, r) = tools();
+        let c = compile_one(
+            vec![pod_policy(
+                "restrict-scanning-tools",
+                &[("app", "nginx")],
+                vec![
+                    rule(&[Class::Icmp], &[&ping], Action::Allow),
+                    rule(&[Class::Udp], &[&ping], Action::Allow),
+                ],
+            )],
+            &Postures::default(),
+        );
+        let id = r.resolve(&ping).unwrap();
+        let slot = |class| RuleSlot {
+            workload: 1,
+            class,
+            exe: Some(id),
+        };
+        assert_eq!(c.rules.len(), 2);
+        assert_eq!(c.rules[&slot(Class::Icmp)].action, Action::Allow);
+        assert_eq!(c.rules[&slot(Class::Udp)].action, Action::Allow);
+        let wp = c.workloads[&1];
+        assert_eq!(wp.posture_classes, Class::Icmp.bit() | Class::Udp.bit());
+        assert_eq!(wp.posture_action, Action::Block as u8);
+        // tcp is neither ruled nor under posture: nginx keeps serving.
+        assert_eq!(wp.rule_classes & Class::Tcp.bit(), 0);
+        assert_eq!(wp.posture_classes & Class::Tcp.bit(), 0);
+        // No host policy: the host gets no entry, hence no decisions.
+        assert!(!c.workloads.contains_key(&HOST_WORKLOAD));
+        assert_eq!(c.cgroups, vec![(4242, 1)]);
+    }
+
+    #[test]
+    fn workload_scope_puts_every_class_under_posture() {
+        let (ping, _, _) = tools();
+        let postures = Postures {
+            scope: PostureScope::Workload,
+            ..Postures::default()
+        };
+        let c = compile_one(
+            vec![pod_policy(
+                "p",
+                &[("app", "nginx")],
+                vec![rule(&[Class::Icmp], &[&ping], Action::Allow)],
+            )],
+            &postures,
+        );
+        let all = Class::ALL_MANAGED.iter().fold(0, |m, c| m | c.bit());
+        assert_eq!(c.workloads[&1].posture_classes, all);
+    }
+
+    #[test]
+    fn block_beats_audit_beats_allow_on_the_same_key() {
+        let (ping, _, r) = tools();
+        let c = compile_one(
+            vec![
+                pod_policy(
+                    "allow",
+                    &[("app", "nginx")],
+                    vec![rule(&[Class::Raw], &[&ping], Action::Allow)],
+                ),
+                pod_policy(
+                    "block",
+                    &[("app", "nginx")],
+                    vec![rule(&[Class::Raw], &[&ping], Action::Block)],
+                ),
+                pod_policy(
+                    "audit",
+                    &[("app", "nginx")],
+                    vec![rule(&[Class::Raw], &[&ping], Action::Audit)],
+                ),
+            ],
+            &Postures::default(),
+        );
+        let v = c.rules[&RuleSlot {
+            workload: 1,
+            class: Class::Raw,
+            exe: Some(r.resolve(&ping).unwrap()),
+        }];
+        assert_eq!(v.action, Action::Block);
+        assert_eq!(c.rules_info[v.rule as usize].policy, "block");
+    }
+
+    #[test]
+    fn source_and_class_rules_are_separate_keys() {
+        let (ping, _, r) = tools();
+        let c = compile_one(
+            vec![pod_policy(
+                "p",
+                &[("app", "nginx")],
+                vec![
+                    rule(&[Class::Icmp], &[], Action::Block),
+                    rule(&[Class::Icmp], &[&ping], Action::Allow),
+                ],
+            )],
+            &Postures::default(),
+        );
+        // The kernel tries (class, source) first, so ping's Allow wins over the class Block.
+        let any = RuleSlot {
+            workload: 1,
+            class: Class::Icmp,
+            exe: None,
+        };
+        let mine = RuleSlot {
+            exe: Some(r.resolve(&ping).unwrap()),
+            ..any
+        };
+        assert_eq!(c.rules[&any].action, Action::Block);
+        assert_eq!(c.rules[&mine].action, Action::Allow);
+    }
+
+    #[test]
+    fn namespace_posture_overrides_the_default() {
+        let (ping, _, _) = tools();
+        let postures = Postures {
+            namespaces: [("default".to_string(), Action::Audit)].into(),
+            ..Postures::default()
+        };
+        let c = compile_one(
+            vec![pod_policy(
+                "p",
+                &[("app", "nginx")],
+                vec![rule(&[Class::Icmp], &[&ping], Action::Allow)],
+            )],
+            &postures,
+        );
+        assert_eq!(c.workloads[&1].posture_action, Action::Audit as u8);
+    }
+
+    #[test]
+    fn unresolvable_sources_are_reported_not_installed() {
+        let missing = PathBuf::from("/nonexistent/icmp-guard/ping");
+        let c = compile_one(
+            vec![pod_policy(
+                "p",
+                &[("app", "nginx")],
+                vec![rule(&[Class::Icmp], &[&missing], Action::Allow)],
+            )],
+            &Postures::default(),
+        );
+        assert!(c.rules.is_empty());
+        assert_eq!(c.unresolved.len(), 1);
+        assert_eq!(c.unresolved[0].path, missing);
+        // Allow-list mode still applies: nothing may open icmp until ping exists.
+        assert_eq!(c.workloads[&1].posture_classes, Class::Icmp.bit());
+        assert!(c.sources.contains(&missing));
+    }
+
+    #[test]
+    fn selectors_follow_kubearmor() {
+        let labels: BTreeMap<String, String> = [
+            ("app".into(), "nginx".into()),
+            ("tier".into(), "web".into()),
+        ]
+        .into();
+        let sel = |ml: &[(&str, &str)], ex: Vec<LabelExpression>| Selector {
+            match_labels: ml
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            match_expressions: ex,
+        };
+        let expr = |op, values: &[&str]| LabelExpression {
+            operator: op,
+            values: values.iter().map(|v| v.to_string()).collect(),
+        };
+        assert!(selector_matches(&sel(&[("app", "nginx")], vec![]), &labels));
+        assert!(!selector_matches(
+            &sel(&[("app", "redis")], vec![]),
+            &labels
+        ));
+        assert!(selector_matches(
+            &sel(&[], vec![expr(LabelOperator::In, &["app=nginx", "x=y"])]),
+            &labels
+        ));
+        assert!(selector_matches(
+            &sel(&[], vec![expr(LabelOperator::In, &["tier"])]),
+            &labels
+        ));
+        assert!(!selector_matches(
+            &sel(&[], vec![expr(LabelOperator::NotIn, &["tier=web"])]),
+            &labels
+        ));
+        assert!(
+            selector_matches(&sel(&[], vec![]), &labels),
+            "an empty selector selects all"
+        );
+    }
+
+    #[test]
+    fn host_policies_need_matching_node_labels() {
+        let host = Policy {
+            name: "h".into(),
+            namespace: None,
+            target: Target::Host {
+                node_selector: [("kubernetes.io/os".to_string(), "linux".to_string())].into(),
+            },
+            rules: vec![rule(&[Class::Raw], &[], Action::Audit)],
+            origin: Origin::default(),
+        };
+        let linux: BTreeMap<String, String> = [("kubernetes.io/os".into(), "linux".into())].into();
+        assert!(selects(&host, None, &linux));
+        assert!(!selects(&host, None, &BTreeMap::new()));
+        assert!(
+            !selects(&host, Some(&nginx()), &linux),
+            "host policies never select workloads"
+        );
+    }
+}
