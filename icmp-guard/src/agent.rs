@@ -466,29 +466,27 @@ async fn announce_losses(shared: &Shared, tx: &mpsc::Sender<Alert>, seen: &mut L
             }
         }
         if let Ok(c) = counters {
-            if c.ringbuf_full > seen.counters.ringbuf_full {
-                events.push(ctx.loss_event(
+            let was = seen.counters;
+            for (now, before, what) in [
+                (
+                    c.ringbuf_full,
+                    was.ringbuf_full,
                     "lost because the kernel ring buffer was full",
-                    c.ringbuf_full - seen.counters.ringbuf_full,
-                    None,
-                    shared.limit,
-                ));
-            }
-            if c.suppress_lost > seen.counters.suppress_lost {
-                events.push(ctx.loss_event(
+                ),
+                (
+                    c.suppress_lost,
+                    was.suppress_lost,
                     "suppressed while the per-workload suppression map was full",
-                    c.suppress_lost - seen.counters.suppress_lost,
-                    None,
-                    shared.limit,
-                ));
-            }
-            if c.stage_errors > seen.counters.stage_errors {
-                events.push(ctx.loss_event(
+                ),
+                (
+                    c.stage_errors,
+                    was.stage_errors,
                     "lost because an alert capture stage could not run",
-                    c.stage_errors - seen.counters.stage_errors,
-                    None,
-                    shared.limit,
-                ));
+                ),
+            ] {
+                if now > before {
+                    events.push(ctx.loss_event(what, now - before, None, shared.limit));
+                }
             }
             seen.counters = c;
         }
