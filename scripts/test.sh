@@ -28,5 +28,10 @@ for t in enforcement kubearmor_scenario; do
 done
 
 echo "== VM tests (LSM enforcer on Debian kernels under qemu)"
-cargo xtask vm-test --kernel "${ICMP_GUARD_VM_KERNELS:-all}"
-echo "test.sh: all tests passed"
+cargo xtask vm-test --kernel "${ICMP_GUARD_VM_KERNELS:-all}" 2>&1 | tee target/vm-tests.log
+
+# Every stage above stops the script on failure, so reaching here means nothing failed.
+passed=$(cat target/host-tests.log target/vm-tests.log \
+  | grep -oE "test result: ok\. [0-9]+ passed" | awk '{s += $4} END {print s + 0}')
+echo "test.sh: host suites and VM suites on every kernel passed"
+echo "${passed} passed, 0 failed"

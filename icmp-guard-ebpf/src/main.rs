@@ -18,7 +18,7 @@ use aya_ebpf::{
     macros::{cgroup_sock, lsm, tracepoint},
     programs::{LsmContext, SockContext, TracePointContext},
 };
-use icmp_guard_common::{event::enforcer, maps::PendingSocket};
+use icmp_guard_common::{Class, classify, event::enforcer, maps::PendingSocket};
 
 use crate::{
     decision::Socket,
@@ -139,6 +139,11 @@ pub fn sys_enter_socket(ctx: TracePointContext) -> u32 {
     }) else {
         return 0;
     };
+    // Only sockets the hooks can decide ever need their flags: skip unix, netlink and the rest,
+    // which are most of the socket() calls on a machine.
+    if classify(family as u16, sock_type as u32, protocol as u32) == Class::Unmanaged {
+        return 0;
+    }
     let pending = PendingSocket {
         family: family as u32,
         sock_type: sock_type as u32,
