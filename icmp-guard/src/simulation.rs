@@ -302,9 +302,20 @@ fn setup(args: &TestArgs) -> Result<Setup> {
 
 impl Drop for Setup {
     fn drop(&mut self) {
-        if let Some(c) = &self._cleanup {
-            let _ = std::fs::remove_dir(c);
+        let Some(c) = &self._cleanup else {
+            return;
+        };
+        // Right after its last process exits, a cgroup can still be busy for a moment.
+        for _ in 0..50 {
+            if std::fs::remove_dir(c).is_ok() || !c.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
+        eprintln!(
+            "icmp-guard test: could not remove the probe cgroup {}; remove it with rmdir",
+            c.display()
+        );
     }
 }
 
