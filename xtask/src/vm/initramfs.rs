@@ -418,21 +418,8 @@ impl Staging {
             return Ok(());
         }
         // Ancestors: reproduce any symlinked directory on the way.
-        let mut resolved = PathBuf::from("/");
         let parent = host.parent().unwrap_or(Path::new("/")).to_path_buf();
-        for name in normal_components(&parent) {
-            let p = resolved.join(&name);
-            let m =
-                fs::symlink_metadata(&p).with_context(|| format!("inspecting {}", p.display()))?;
-            if m.file_type().is_symlink() {
-                self.place_symlink(&p)?;
-                let target = normalize(&resolved.join(fs::read_link(&p)?));
-                self.add_dir_only(&target)?;
-                resolved = fs::canonicalize(&p)?;
-            } else {
-                resolved = p;
-            }
-        }
+        let resolved = self.add_dir_only(&parent)?;
         let real = resolved.join(host.file_name().unwrap_or_default());
         let m = fs::symlink_metadata(&real)
             .with_context(|| format!("inspecting {}", real.display()))?;
@@ -473,8 +460,8 @@ impl Staging {
     }
 
     /// Makes sure the host directory `dir` exists in the guest (with its symlinked
-    /// ancestors), without copying its contents.
-    fn add_dir_only(&mut self, dir: &Path) -> Result<()> {
+    /// ancestors), without copying its contents. Returns `dir` with its symlinks resolved.
+    fn add_dir_only(&mut self, dir: &Path) -> Result<PathBuf> {
         let mut resolved = PathBuf::from("/");
         for name in normal_components(dir) {
             let p = resolved.join(&name);
@@ -490,7 +477,7 @@ impl Staging {
                 resolved = p;
             }
         }
-        Ok(())
+        Ok(resolved)
     }
 
     /// Creates, at the guest path `link` (a host symlink whose ancestors are already
