@@ -240,11 +240,7 @@ fn read_security_group(
                     .map(|(k, v)| (Value::Str(k), v))
                     .collect(),
                 Value::Unknown(why) => {
-                    let unknown = Value::Unknown(format!("dynamic \"{kind}\" for_each: {why}"));
-                    let values = Value::Map(vec![
-                        ("protocol".into(), unknown.clone()),
-                        ("cidr_blocks".into(), unknown),
-                    ]);
+                    let values = unreadable_rule(format!("dynamic \"{kind}\" for_each: {why}"));
                     let line_of = |_: &str| line;
                     terraform::read_group_style_rule(
                         &sub_site(index, line),
@@ -292,11 +288,7 @@ fn read_security_group(
                     }
                 }
                 Value::Unknown(why) => {
-                    let unknown = Value::Unknown(format!("{kind}: {why}"));
-                    let values = Value::Map(vec![
-                        ("protocol".into(), unknown.clone()),
-                        ("cidr_blocks".into(), unknown),
-                    ]);
+                    let values = unreadable_rule(format!("{kind}: {why}"));
                     let line_of = |_: &str| line;
                     terraform::read_group_style_rule(
                         &sub_site(index, line),
@@ -546,4 +538,14 @@ impl<'a> Evaluator<'a> {
         }
         value
     }
+}
+
+/// Stands in for a rule whose contents cannot be evaluated statically: its protocol and its
+/// sources are unknown, so it is reported as unknown rather than passed.
+fn unreadable_rule(why: String) -> Value {
+    let unknown = Value::Unknown(why);
+    Value::Map(vec![
+        ("protocol".into(), unknown.clone()),
+        ("cidr_blocks".into(), unknown),
+    ])
 }
