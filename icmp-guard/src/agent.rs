@@ -114,6 +114,67 @@ impl PolicySource {
     }
 }
 
+/// How the agent's log line announcing that it enforces begins. Whatever starts an agent and
+/// must wait for it ([`spawn_until_ready`]) looks for this.
+pub const READY: &str = "enforcing with";
+
+/// An `icmp-guard run` started as a child process, its stderr collected line by line.
+pub struct Spawned {
+    pub process: std::process::Child,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+/// Spawns `cmd` (an `icmp-guard run …`) and waits until it logs [`READY`]. If the child exits or
+/// `timeout` passes first, it is killed and the error carries its log. `echo` copies each log
+/// line to this process's stderr behind that prefix.
+pub fn spawn_until_ready(
+    mut cmd: std::process::Command,
+    timeout: Duration,
+    echo: Option<&'static str>,
+) -> Result<Spawned> {
+    use std::io::{BufRead, BufReader};
+    let mut process = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting icmp-guard run")?;
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stderr = process.stderr.take().expect("stderr is piped");
+    {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(prefix) = echo {
+                    eprintln!("{prefix} {line}");
+                }
+                log.lock().expect("log lock").push(line);
+            }
+        });
+    }
+    let start = std::time::Instant::now();
+    loop {
+        if log
+            .lock()
+            .expect("log lock")
+            .iter()
+            .any(|l| l.contains(READY))
+        {
+            return Ok(Spawned { process, log });
+        }
+        if process.try_wait()?.is_some() || start.elapsed() > timeout {
+            let _ = process.kill();
+            let _ = process.wait();
+            // Let the reader thread take the last lines.
+            std::thread::sleep(Duration::from_millis(100));
+            return Err(anyhow!(
+                "the agent did not start within {timeout:?}; its log:\n{}",
+                log.lock().expect("log lock").join("\n")
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -252,7 +313,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     enforcer.apply(&compiled)?;
     let generation = enforcer.active_generation();
     info!(
-        "enforcing with the {} enforcer{}: {} policies, {} kernel rules, {} workloads, mode {:?}",
+        "{READY} the {} enforcer{}: {} policies, {} kernel rules, {} workloads, mode {:?}",
         enforcer.kind.name(),
         enforcer
             .attached_cgroup

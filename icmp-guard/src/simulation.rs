@@ -13,7 +13,6 @@ use std::{
     io::{BufRead, BufReader, Seek, SeekFrom},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -160,57 +159,25 @@ struct Setup {
 }
 
 fn start_agent(args: &TestArgs, policy: &Path, config: &Path, dir: &Path) -> Result<OwnAgent> {
-    let alerts = dir.join("alerts.jsonl");
-    let mut child = Command::new(std::env::current_exe()?)
-        .arg("run")
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("run")
         .arg("--policy")
         .arg(policy)
         .arg("--config")
         .arg(config)
         .arg("--output")
-        .arg(&alerts)
+        .arg(dir.join("alerts.jsonl"))
         .arg("--enforcer")
         .arg(match args.enforcer {
             EnforcerChoice::Auto => "auto",
             EnforcerChoice::Lsm => "lsm",
             EnforcerChoice::Cgroup => "cgroup",
-        })
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting icmp-guard run")?;
-    let log = Arc::new(Mutex::new(Vec::<String>::new()));
-    let stderr = child.stderr.take().expect("piped");
-    {
-        let log = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                log.lock().expect("log lock").push(line);
-            }
         });
-    }
-    let start = Instant::now();
-    loop {
-        if log
-            .lock()
-            .expect("log lock")
-            .iter()
-            .any(|l| l.contains("enforcing with"))
-        {
-            return Ok(OwnAgent {
-                child,
-                _dir: dir.to_path_buf(),
-            });
-        }
-        if child.try_wait()?.is_some() || start.elapsed() > Duration::from_secs(90) {
-            let _ = child.kill();
-            bail!(
-                "the agent did not start; its log:\n{}",
-                log.lock().expect("log lock").join("\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let spawned = crate::agent::spawn_until_ready(cmd, Duration::from_secs(90), None)?;
+    Ok(OwnAgent {
+        child: spawned.process,
+        _dir: dir.to_path_buf(),
+    })
 }
 
 fn setup(args: &TestArgs) -> Result<Setup> {

@@ -400,7 +400,7 @@ fn stopping_the_agent_gives_every_socket_back() {
     let probe = py_socket("AF_INET", "SOCK_RAW", "255");
     let out = run_probe(&place, &[require_tool(PYTHON), "-c", &probe]);
     assert!(text(&out).contains("REFUSED 1"), "{}", text(&out));
-    agent.wait_log("enforcing with", Duration::from_secs(1));
+    agent.wait_log(icmp_guard::agent::READY, Duration::from_secs(1));
     agent.stop();
     let out = run_probe(&place, &[PYTHON, "-c", &probe]);
     assert!(

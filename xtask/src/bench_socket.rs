@@ -107,6 +107,7 @@ fn start_agent(agent: &Path, policy: &Path, config: &Path, cgroup: &Path) -> Res
     let deadline = Instant::now() + Duration::from_secs(60);
     for line in lines.by_ref() {
         let line = line?;
+        // icmp_guard::agent::READY (xtask does not link the agent, which builds BPF code).
         if line.contains("enforcing with") {
             // Keep draining so the agent never blocks on a full pipe.
             std::thread::spawn(move || for _ in lines {});

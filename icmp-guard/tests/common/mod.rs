@@ -7,7 +7,6 @@
 #![allow(dead_code)]
 
 use std::{
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
@@ -181,35 +180,22 @@ impl Agent {
             .arg("--cgroup")
             .arg(spec.attach)
             .args(spec.extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .env("RUST_LOG", "info");
         if let Some(p) = spec.policy {
             cmd.arg("--policy").arg(p);
         }
         if let Some(c) = spec.config {
             cmd.arg("--config").arg(c);
         }
-        let mut child = cmd.spawn().expect("spawning icmp-guard run");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    eprintln!("[agent] {line}");
-                    log.lock().unwrap().push(line);
-                }
-            });
-        }
-        let agent = Agent {
-            child: Some(child),
+        let spawned =
+            icmp_guard::agent::spawn_until_ready(cmd, Duration::from_secs(90), Some("[agent]"))
+                .unwrap_or_else(|e| panic!("{e:#}"));
+        Agent {
+            child: Some(spawned.process),
             alerts,
-            log,
+            log: spawned.log,
             dir,
-        };
-        agent.wait_log("enforcing with", Duration::from_secs(90));
-        agent
+        }
     }
 
     pub fn wait_log(&self, needle: &str, timeout: Duration) -> String {
