@@ -1,5 +1,5 @@
 //! Builds the kernel programs (`icmp-guard-ebpf`) for `bpfel-unknown-none` and leaves the object
-//! in OUT_DIR, where `src/enforcer.rs` embeds it.
+//! in OUT_DIR, where `src/kernel/enforcer.rs` embeds it.
 //!
 //! The kernel crate is compiled with Debian's `rustc-web` toolchain (`/usr/bin/rustc`, which ships
 //! a prebuilt `core` for the BPF target in `libstd-rust-web-dev-bpf`) and linked by bpf-linker:

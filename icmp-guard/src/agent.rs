@@ -16,14 +16,17 @@ use log::{error, info, warn};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
 
 use crate::{
-    alert::{self, Alert},
-    compile::{self, Compiled, Postures},
-    config::AgentConfig,
-    enforcer::{Counters, Enforcer, EnforcerChoice, Options},
-    identity::Resolver,
-    kernel_offsets,
-    policy::{self, Action, PolicySet},
-    workload::{self, Workload},
+    compile::{self, Compiled, Postures, identity::Resolver},
+    events::alert::{self, Alert},
+    kernel::{
+        enforcer::{Counters, Enforcer, EnforcerChoice, Options},
+        offsets as kernel_offsets,
+    },
+    sources::{
+        config::AgentConfig,
+        policy::{self, Action, PolicySet},
+        workload::{self, Workload},
+    },
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -207,9 +210,9 @@ fn environment(config: &AgentConfig, mode: Mode) -> Result<Environment> {
     node_labels
         .entry("kubernetes.io/os".into())
         .or_insert_with(|| "linux".into());
-    let to_action = |p: crate::config::Posture| match p {
-        crate::config::Posture::Block => Action::Block,
-        crate::config::Posture::Audit => Action::Audit,
+    let to_action = |p: crate::sources::config::Posture| match p {
+        crate::sources::config::Posture::Block => Action::Block,
+        crate::sources::config::Posture::Audit => Action::Audit,
     };
     Ok(Environment {
         workloads,
@@ -223,8 +226,8 @@ fn environment(config: &AgentConfig, mode: Mode) -> Result<Environment> {
                 .map(|(k, v)| (k.clone(), to_action(*v)))
                 .collect(),
             scope: match config.posture_scope {
-                crate::config::PostureScope::Protocol => compile::PostureScope::Protocol,
-                crate::config::PostureScope::Workload => compile::PostureScope::Workload,
+                crate::sources::config::PostureScope::Protocol => compile::PostureScope::Protocol,
+                crate::sources::config::PostureScope::Workload => compile::PostureScope::Workload,
             },
         },
         alerts_per_sec: config.alerts_per_second,
@@ -269,7 +272,7 @@ fn report_unresolved(c: &Compiled, embedded: bool) {
 }
 
 /// The identities of every source path, to notice a replaced binary (package upgrade).
-fn source_identities(c: &Compiled) -> Vec<Option<crate::identity::ExecutableId>> {
+fn source_identities(c: &Compiled) -> Vec<Option<crate::compile::identity::ExecutableId>> {
     let Ok(r) = Resolver::host() else {
         return Vec::new();
     };
@@ -284,9 +287,9 @@ struct Shared {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
-    crate::enforcer::check_root()?;
+    crate::kernel::enforcer::check_root()?;
     let config = match &args.config {
-        Some(p) => crate::config::load(p).map_err(|e| anyhow!("{e}"))?,
+        Some(p) => crate::sources::config::load(p).map_err(|e| anyhow!("{e}"))?,
         None => AgentConfig::default(),
     };
     let env = environment(&config, args.mode)?;
@@ -571,7 +574,7 @@ async fn announce_losses(shared: &Shared, tx: &mpsc::Sender<Alert>, seen: &mut L
 
 struct RefreshState {
     fingerprint: Vec<(PathBuf, Option<SystemTime>, u64)>,
-    identities: Vec<Option<crate::identity::ExecutableId>>,
+    identities: Vec<Option<crate::compile::identity::ExecutableId>>,
     compiled: Compiled,
 }
 

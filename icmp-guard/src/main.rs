@@ -21,13 +21,13 @@ enum Command {
     /// Run the agent: enforce a policy in the kernel and stream alerts as JSON lines.
     Run(icmp_guard::agent::RunArgs),
     /// Report what this kernel supports and which enforcer `run` would pick.
-    Probe(icmp_guard::probe::ProbeArgs),
+    Probe(icmp_guard::cli::probe::ProbeArgs),
     /// Audit security-group definitions for EC2-044, inbound ICMP open to the whole internet
     /// (AWS API JSON, CloudFormation, Terraform HCL and plans).
     Audit(icmp_guard::audit::AuditArgs),
     /// Prove the enforcement: run scanner probes (hping3, nmap, a raw socket) and ping inside a
     /// workload and check each one's errno and alert.
-    Test(icmp_guard::simulation::TestArgs),
+    Test(icmp_guard::cli::simulation::TestArgs),
     /// Open one socket and report the result (the raw-socket probe `test` runs).
     #[command(hide = true)]
     ProbeSocket { kind: String },
@@ -40,14 +40,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => icmp_guard::agent::run(args),
-        Command::Probe(args) => icmp_guard::probe::run(&args),
+        Command::Probe(args) => icmp_guard::cli::probe::run(&args),
         Command::Audit(args) => return icmp_guard::audit::run(&args),
-        Command::Test(args) => match icmp_guard::simulation::run(&args) {
+        Command::Test(args) => match icmp_guard::cli::simulation::run(&args) {
             Ok(true) => return ExitCode::SUCCESS,
             Ok(false) => return ExitCode::from(1),
             Err(e) => Err(e),
         },
-        Command::ProbeSocket { kind } => match icmp_guard::simulation::probe_socket(&kind) {
+        Command::ProbeSocket { kind } => match icmp_guard::cli::simulation::probe_socket(&kind) {
             Ok(true) => return ExitCode::SUCCESS,
             Ok(false) => return ExitCode::from(1),
             Err(e) => Err(e),

@@ -45,8 +45,9 @@ fn daemonset_policy_parses() {
         .take_while(|l| l.starts_with("    "))
         .map(|l| format!("{}\n", &l[4..]))
         .collect();
-    let loaded = icmp_guard::policy::kubearmor::parse_str(&body, "daemonset.yaml".as_ref())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let loaded =
+        icmp_guard::sources::policy::kubearmor::parse_str(&body, "daemonset.yaml".as_ref())
+            .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(loaded.set.policies.len(), 1);
     assert_eq!(loaded.set.policies[0].name, "host-allow-ping");
     assert!(manifest.contains("--policy=/etc/icmp-guard/policies"));

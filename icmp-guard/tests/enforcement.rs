@@ -83,7 +83,7 @@ fn hping3_is_refused_with_an_alert() {
     assert_eq!(a["HostPPID"].as_i64().unwrap(), std::process::id() as i64);
     // The executable identity in the alert is the one userspace resolves for the path: the BTF
     // offsets and the device encoding agree with the kernel.
-    let id = icmp_guard::identity::Resolver::host()
+    let id = icmp_guard::compile::identity::Resolver::host()
         .unwrap()
         .resolve(Path::new(HPING3))
         .unwrap();
@@ -481,7 +481,7 @@ fn a_bind_mount_over_the_allowed_path_is_refused() {
     let a = agent.wait_alert("bind mount spoof", |a| s(a, "Action") == "Block");
     // The kernel's path walk reports where the file is mounted; the identity is hping3's.
     assert_eq!(s(&a, "ProcessName"), PING, "{a}");
-    let hping = icmp_guard::identity::Resolver::host()
+    let hping = icmp_guard::compile::identity::Resolver::host()
         .unwrap()
         .resolve(Path::new(HPING3))
         .unwrap();

@@ -6,7 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use icmp_guard::{
+use icmp_guard::sources::{
     config::{self, AgentConfig, Posture, PostureScope, WorkloadSpec},
     policy::{
         Action, LabelExpression, LabelOperator, Origin, Policy, Rule, Selector, Target,

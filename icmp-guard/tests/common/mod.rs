@@ -120,7 +120,7 @@ impl Drop for TestCgroup {
     }
 }
 
-pub use icmp_guard::sandbox::Placement;
+pub use icmp_guard::cli::sandbox::Placement;
 
 pub fn placement(cg: &TestCgroup) -> Placement {
     Placement::in_cgroup(&cg.path)
@@ -128,26 +128,26 @@ pub fn placement(cg: &TestCgroup) -> Placement {
 
 /// Runs `argv` in `place`; returns its output. Times out after 30 s.
 pub fn run_probe(place: &Placement, argv: &[&str]) -> Output {
-    icmp_guard::sandbox::run(place, argv, Duration::from_secs(30))
+    icmp_guard::cli::sandbox::run(place, argv, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{argv:?}: {e}"))
 }
 
 pub fn spawn_probe(place: &Placement, argv: &[&str], stdin: Stdio) -> Child {
-    icmp_guard::sandbox::spawn(place, argv, stdin)
+    icmp_guard::cli::sandbox::spawn(place, argv, stdin)
         .unwrap_or_else(|e| panic!("spawning {argv:?}: {e}"))
 }
 
 pub fn wait_with_timeout(child: Child, timeout: Duration, what: &[&str]) -> Output {
-    icmp_guard::sandbox::wait(child, timeout).unwrap_or_else(|e| panic!("{what:?}: {e}"))
+    icmp_guard::cli::sandbox::wait(child, timeout).unwrap_or_else(|e| panic!("{what:?}: {e}"))
 }
 
 pub fn text(o: &Output) -> String {
-    icmp_guard::sandbox::text(o)
+    icmp_guard::cli::sandbox::text(o)
 }
 
 /// True when the output shows the kernel's refusal (EPERM/EACCES as the tools print it).
 pub fn refused(o: &Output) -> bool {
-    icmp_guard::sandbox::reported_errno(o).is_some()
+    icmp_guard::cli::sandbox::reported_errno(o).is_some()
 }
 
 /// A running agent.

@@ -18,11 +18,13 @@ use icmp_guard_common::{
     },
 };
 
-use crate::{
-    identity::{ExecutableId, Resolver},
+pub mod identity;
+
+use crate::sources::{
     policy::{Action, LabelOperator, Origin, Policy, PolicySet, Selector, Target},
     workload::Workload,
 };
+use identity::{ExecutableId, Resolver};
 
 /// Which sockets allow-list mode puts under the default posture.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -312,7 +314,7 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     use super::*;
-    use crate::policy::{LabelExpression, Rule};
+    use crate::sources::policy::{LabelExpression, Rule};
 
     fn rule(classes: &[Class], sources: &[&Path], action: Action) -> Rule {
         Rule {

@@ -7,8 +7,11 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::{
-    enforcer::{self, EnforcerKind},
-    kernel_offsets, workload,
+    kernel::{
+        enforcer::{self, EnforcerKind},
+        offsets as kernel_offsets,
+    },
+    sources::workload,
 };
 
 #[derive(clap::Args, Debug)]

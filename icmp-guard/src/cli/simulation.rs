@@ -21,13 +21,14 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
-    enforcer::EnforcerChoice,
-    sandbox::{self, Placement},
-    workload,
+    cli::sandbox::{self, Placement},
+    kernel::enforcer::EnforcerChoice,
+    sources::workload,
 };
 
 /// The seed's policy, unchanged: allow icmp and udp sockets only from /usr/bin/ping.
-pub const SEED_POLICY: &str = include_str!("../../policies/kubearmor/restrict-scanning-tools.yaml");
+pub const SEED_POLICY: &str =
+    include_str!("../../../policies/kubearmor/restrict-scanning-tools.yaml");
 
 #[derive(clap::Args, Debug)]
 pub struct TestArgs {
@@ -184,7 +185,7 @@ fn setup(args: &TestArgs) -> Result<Setup> {
     let mount = workload::cgroup2_mount()?;
     let configured = match (&args.config, &args.workload) {
         (Some(c), Some(name)) => {
-            let cfg = crate::config::load(c).map_err(|e| anyhow!("{e}"))?;
+            let cfg = crate::sources::config::load(c).map_err(|e| anyhow!("{e}"))?;
             let spec = cfg
                 .workloads
                 .iter()
@@ -402,7 +403,7 @@ fn run_probe(setup: &Setup, probe: &Probe) -> Row {
 }
 
 pub fn run(args: &TestArgs) -> Result<bool> {
-    crate::enforcer::check_root()?;
+    crate::kernel::enforcer::check_root()?;
     let setup = setup(args)?;
     let rows: Vec<Row> = probes()?.iter().map(|p| run_probe(&setup, p)).collect();
     let all_pass = rows.iter().all(|r| r.pass);

@@ -15,7 +15,7 @@ use icmp_guard_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{compile::RuleInfo, enforcer::EnforcerKind, workload::Workload};
+use crate::{compile::RuleInfo, kernel::enforcer::EnforcerKind, sources::workload::Workload};
 
 fn is_zero(v: &i32) -> bool {
     *v == 0

@@ -32,7 +32,7 @@ use std::{
     path::{Component, Path, PathBuf},
 };
 
-use crate::policy::{
+use crate::sources::policy::{
     Action, Origin,
     diagnostics::{PolicyError, PolicyErrors},
     yaml::{self, Diag, Map, Node},

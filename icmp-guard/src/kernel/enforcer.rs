@@ -461,7 +461,7 @@ pub struct Counters {
 /// drop everything behind the validity check and accept a program it would refuse in earnest.
 pub fn probe_lsm() -> Result<()> {
     let btf = Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?;
-    let offsets = crate::kernel_offsets::from_running_kernel()?;
+    let offsets = crate::kernel::offsets::from_running_kernel()?;
     let mut ebpf = load_object(&offsets)?;
     try_load_lsm(&mut ebpf, &btf)?.map_err(|e| anyhow!("{}", short_error(&e)))
 }

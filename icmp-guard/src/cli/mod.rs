@@ -1,0 +1,5 @@
+//! CLI commands beside `run`: `probe`, `test` (the seed's simulation) and the sandbox it runs
+//! probes in.
+pub mod probe;
+pub mod sandbox;
+pub mod simulation;

@@ -1,0 +1,2 @@
+//! Decision records from the kernel's ring buffer, turned into KubeArmor alerts.
+pub mod alert;
