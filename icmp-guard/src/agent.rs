@@ -2,7 +2,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    io::Write,
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -13,15 +12,16 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow};
 use log::{error, info, warn};
-use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
     compile::{self, Compiled, Postures, identity::Resolver},
-    events::alert::{self, Alert},
+    events::alert,
     kernel::{
         enforcer::{Counters, Enforcer, EnforcerChoice, Options},
         offsets as kernel_offsets,
     },
+    outputs::{Outputs, jsonl::JsonLines},
     sources::{
         config::AgentConfig,
         policy::{self, Action, PolicySet},
@@ -282,7 +282,6 @@ fn source_identities(c: &Compiled) -> Vec<Option<crate::compile::identity::Execu
 struct Shared {
     enforcer: Mutex<Enforcer>,
     context: std::sync::RwLock<alert::Context>,
-    dropped_in_userspace: AtomicU64,
     limit: u32,
 }
 
@@ -355,64 +354,40 @@ pub fn run(args: RunArgs) -> Result<()> {
             rules,
         }),
         enforcer: Mutex::new(enforcer),
-        dropped_in_userspace: AtomicU64::new(0),
         limit: env.alerts_per_sec,
     });
-
-    let out: Box<dyn Write + Send> = if args.output == "-" {
-        Box::new(std::io::stdout())
-    } else {
-        Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&args.output)
-                .with_context(|| format!("opening alert output {}", args.output))?,
-        )
-    };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(serve(
-        shared,
-        events,
-        out,
-        source,
-        env,
-        compiled,
-        args.refresh_ms,
-    ))
+    rt.block_on(async {
+        let outputs = Outputs::new(JsonLines::open(&args.output)?);
+        serve(
+            shared,
+            events,
+            Arc::new(outputs),
+            source,
+            env,
+            compiled,
+            args.refresh_ms,
+        )
+        .await
+    })
 }
 
 async fn serve(
     shared: Arc<Shared>,
     events: aya::maps::RingBuf<aya::maps::MapData>,
-    mut out: Box<dyn Write + Send>,
+    outputs: Arc<Outputs>,
     source: PolicySource,
     env: Environment,
     compiled: Compiled,
     refresh_ms: u64,
 ) -> Result<()> {
-    // Bounded: a stalled output must not grow memory without limit. What does not fit is
-    // counted and announced, never silently lost.
-    let (tx, mut rx) = mpsc::channel::<Alert>(4096);
-
-    let writer = tokio::task::spawn_blocking(move || -> Result<()> {
-        while let Some(a) = rx.blocking_recv() {
-            // One write per alert: a reader tailing the file never sees half a line from us.
-            let mut line = serde_json::to_vec(&a)?;
-            line.push(b'\n');
-            out.write_all(&line)?;
-            out.flush()?;
-        }
-        Ok(())
-    });
-
     let mut reader = {
         let shared = shared.clone();
-        let tx = tx.clone();
+        let outputs = outputs.clone();
         tokio::spawn(async move {
             // SAFETY: the ring buffer owns its fd and outlives the registration (both live in
             // `fd`), which is what register_with_interest requires.
@@ -431,9 +406,7 @@ async fn serve(
                         continue;
                     };
                     let a = shared.context.read().expect("context lock").alert(&ev);
-                    if tx.try_send(a).is_err() {
-                        shared.dropped_in_userspace.fetch_add(1, Ordering::Relaxed);
-                    }
+                    outputs.offer(a);
                 }
                 guard.clear_ready();
             }
@@ -442,15 +415,17 @@ async fn serve(
         })
     };
 
+    // What has been announced so far; the last account at stop continues from it.
+    let seen = Arc::new(tokio::sync::Mutex::new(Losses::default()));
     let accounting = {
         let shared = shared.clone();
-        let tx = tx.clone();
+        let outputs = outputs.clone();
+        let seen = seen.clone();
         tokio::spawn(async move {
-            let mut seen = Losses::default();
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
-                announce_losses(&shared, &tx, &mut seen).await;
+                announce_losses(&shared, &outputs, &mut *seen.lock().await).await;
             }
         })
     };
@@ -478,16 +453,18 @@ async fn serve(
         _ = int.recv() => info!("SIGINT: stopping"),
         r = &mut reader => error!("alert reader stopped: {r:?}"),
     }
-    // The reader holds a sender; it must go for the writer to see the end of the stream.
+    // The reader holds the outputs; it must go for the writer to see the end of the stream.
     reader.abort();
     let _ = reader.await;
     refresher.abort();
     accounting.abort();
+    let _ = accounting.await;
     // A last account, so that what was lost just before stopping is still reported.
-    let mut seen = Losses::default();
-    announce_losses(&shared, &tx, &mut seen).await;
-    drop(tx);
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    announce_losses(&shared, &outputs, &mut *seen.lock().await).await;
+    match Arc::try_unwrap(outputs) {
+        Ok(outputs) => outputs.close(Duration::from_secs(2)).await,
+        Err(_) => warn!("alert outputs still in use at stop; the last alerts may be unwritten"),
+    }
     let counters = shared.enforcer.lock().expect("enforcer lock").counters()?;
     info!(
         "stopped; kernel counters: decided {}, blocked {}, audited {}, ring buffer full {}, \
@@ -508,7 +485,7 @@ struct Losses {
     userspace: u64,
 }
 
-async fn announce_losses(shared: &Shared, tx: &mpsc::Sender<Alert>, seen: &mut Losses) {
+async fn announce_losses(shared: &Shared, outputs: &Outputs, seen: &mut Losses) {
     let (suppressed, counters) = {
         let mut e = shared.enforcer.lock().expect("enforcer lock");
         (e.suppressed(), e.counters())
@@ -554,7 +531,7 @@ async fn announce_losses(shared: &Shared, tx: &mpsc::Sender<Alert>, seen: &mut L
             }
             seen.counters = c;
         }
-        let userspace = shared.dropped_in_userspace.load(Ordering::Relaxed);
+        let userspace = outputs.jsonl_dropped();
         if userspace > seen.userspace {
             events.push(ctx.loss_event(
                 "dropped because the alert output could not keep up",
@@ -568,7 +545,7 @@ async fn announce_losses(shared: &Shared, tx: &mpsc::Sender<Alert>, seen: &mut L
     for e in events {
         warn!("{}", e.message);
         // Loss reports wait for room: they are the record of what was lost.
-        let _ = tx.send(e).await;
+        outputs.announce(e).await;
     }
 }
 

@@ -15,4 +15,5 @@ pub mod cli;
 pub mod compile;
 pub mod events;
 pub mod kernel;
+pub mod outputs;
 pub mod sources;
