@@ -76,9 +76,10 @@ pub struct SocketEvent {
     pub exe_len: u16,
     pub parent_len: u16,
     pub cmdline_len: u16,
-    /// Policy generation the decision was taken under: `rule` indexes that generation's table.
-    pub generation: u8,
-    pub _pad: [u8; 5],
+    /// Epoch of the policy update the decision was taken under (`maps::control`): `rule`
+    /// indexes that update's rule table.
+    pub epoch: u16,
+    pub _pad: [u8; 4],
     pub comm: [u8; COMM_LEN],
     pub exe: [u8; PATH_BUF],
     pub parent_exe: [u8; PATH_BUF],

@@ -38,6 +38,24 @@ pub struct KernelOffsets {
     pub cgroup_kn: u32,
     pub kernfs_node_parent: u32,
     pub kernfs_node_id: u32,
+    /// `task_struct.stack`: the base of the task's kernel stack, whose top holds the registers
+    /// saved at syscall entry.
+    pub task_stack: u32,
+    /// x86_64 `THREAD_SIZE`: the kernel stack's size (16 KiB, 32 KiB with KASAN).
+    pub thread_size: u32,
+    /// `sizeof(struct pt_regs)` and the offsets of the syscall number and the first three
+    /// arguments in it (x86_64 names: `orig_ax`, `di`, `si`, `dx`).
+    pub pt_regs_size: u32,
+    pub pt_regs_orig_ax: u32,
+    pub pt_regs_arg1: u32,
+    pub pt_regs_arg2: u32,
+    pub pt_regs_arg3: u32,
+    /// 1 when the fields above were found: the alert stages may read the caller's socket(2)
+    /// arguments (with their SOCK_NONBLOCK/SOCK_CLOEXEC flags) from the saved registers.
+    pub syscall_regs: u32,
+    /// 1 when the kernel has `bpf_task_pt_regs` (5.15 and later): the LSM stage asks it for the
+    /// saved registers instead of computing their place on the stack.
+    pub task_pt_regs_helper: u32,
     /// 1 once the agent has filled the struct; the programs refuse to guess otherwise.
     pub valid: u32,
 }

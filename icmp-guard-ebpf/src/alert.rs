@@ -15,13 +15,14 @@ use aya_ebpf::helpers::{
 };
 use icmp_guard_common::{
     Class,
+    class::SOCK_TYPE_MASK,
     event::{SocketEvent, flags},
-    maps::{Action, RateState, Settings, counter},
+    maps::{Action, RateState, Settings, SuppressKey, counter},
 };
 
 use crate::{
     decision::Socket,
-    maps::{ALERTS_IN_FLIGHT, EVENTS, PENDING_SOCKET, RATE, SUPPRESSED, ZERO_ALERT, count},
+    maps::{ALERTS_IN_FLIGHT, EVENTS, RATE, SUPPRESSED, ZERO_ALERT, count},
     task,
 };
 
@@ -36,18 +37,19 @@ pub struct Decided<'a> {
     pub denied: bool,
     pub exe: (u64, u64),
     pub pid_tgid: u64,
-    pub generation: u32,
+    pub epoch: u16,
 }
 
 const WINDOW_NS: u64 = 1_000_000_000;
 
 /// Takes one alert from the workload's budget. Returns false when this alert must be
-/// suppressed; it is then counted in `SUPPRESSED`.
+/// suppressed; it is then counted in `SUPPRESSED` under what it would have said.
 #[inline(always)]
-fn admit(workload: u32, limit: u32, now: u64) -> bool {
+fn admit(d: &Decided, limit: u32, now: u64) -> bool {
     if limit == 0 {
         return true;
     }
+    let workload = d.workload;
     let state = match RATE.get_ptr_mut(workload) {
         Some(s) => s,
         None => {
@@ -61,7 +63,7 @@ fn admit(workload: u32, limit: u32, now: u64) -> bool {
                 Some(s) => s,
                 // The map is full: count the alert as suppressed rather than lose it silently.
                 None => {
-                    suppress(workload);
+                    suppress(d);
                     return false;
                 }
             }
@@ -74,7 +76,7 @@ fn admit(workload: u32, limit: u32, now: u64) -> bool {
         }
         (*state).in_window += 1;
         if (*state).in_window > limit as u64 {
-            suppress(workload);
+            suppress(d);
             return false;
         }
     }
@@ -82,14 +84,30 @@ fn admit(workload: u32, limit: u32, now: u64) -> bool {
 }
 
 #[inline(always)]
-fn suppress(workload: u32) {
-    match SUPPRESSED.get_ptr_mut(workload) {
+fn suppress(d: &Decided) {
+    let key = SuppressKey {
+        workload: d.workload,
+        rule: d.rule,
+        exe_dev: d.exe.0,
+        exe_ino: d.exe.1,
+        class: d.class as u8,
+        action: d.action as u8,
+        denied: d.denied as u8,
+        _pad: 0,
+        epoch: d.epoch,
+        _pad2: 0,
+    };
+    match SUPPRESSED.get_ptr_mut(&key) {
         // This CPU's own slot: a plain add is exact.
         Some(n) => unsafe { *n += 1 },
         None => {
-            // Inserting sets this CPU's slot to 1 and the others to 0.
-            if SUPPRESSED.insert(workload, 1, 0).is_err() {
-                count(counter::SUPPRESS_LOST);
+            // Inserting sets this CPU's slot to 1 and the others to 0. BPF_NOEXIST: if another
+            // CPU inserted the key meanwhile, add to this CPU's slot of theirs.
+            if SUPPRESSED.insert(&key, &1, 1).is_err() {
+                match SUPPRESSED.get_ptr_mut(&key) {
+                    Some(n) => unsafe { *n += 1 },
+                    None => count(counter::SUPPRESS_LOST),
+                }
             }
         }
     }
@@ -102,7 +120,7 @@ fn suppress(workload: u32) {
 #[inline(always)]
 pub fn stage(d: &Decided, settings: &Settings) -> bool {
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    if !admit(d.workload, settings.alerts_per_sec, now) {
+    if !admit(d, settings.alerts_per_sec, now) {
         return false;
     }
     // A thread is inside one socket() call at a time, so its id keys the alert in flight.
@@ -122,23 +140,6 @@ pub fn stage(d: &Decided, settings: &Settings) -> bool {
     if d.action == Action::Block && !d.denied {
         fl |= flags::DOWNGRADED;
     }
-    // The hooks see the type without SOCK_NONBLOCK/SOCK_CLOEXEC, and the cgroup hook sees
-    // protocol 0 already resolved (to IPPROTO_UDP, …); sys_enter_socket kept the caller's own
-    // arguments. A thread is in one socket() call at a time, so the entry is this call's when
-    // family and base type agree.
-    let mut sock_type = d.sock.sock_type;
-    let mut protocol = d.sock.protocol;
-    if let Some(p) = unsafe { PENDING_SOCKET.get(d.pid_tgid) } {
-        if p.family == d.sock.family as u32
-            && p.sock_type & 0xf == d.sock.sock_type & 0xf
-            && (p.protocol == d.sock.protocol || p.protocol == 0)
-        {
-            sock_type = p.sock_type;
-            protocol = p.protocol;
-            fl |= flags::TYPE_FLAGS_KNOWN;
-        }
-    }
-    let _ = PENDING_SOCKET.remove(d.pid_tgid);
     unsafe {
         (*pending).denied = d.denied as u32;
         let ev = &raw mut (*pending).event;
@@ -152,14 +153,16 @@ pub fn stage(d: &Decided, settings: &Settings) -> bool {
         (*ev).gid = (uid_gid >> 32) as u32;
         (*ev).workload = d.workload;
         (*ev).rule = d.rule;
-        (*ev).sock_type = sock_type;
-        (*ev).protocol = protocol;
+        // The hooks' view; the first stage replaces both with the caller's own socket(2)
+        // arguments, flags included, when it can read them.
+        (*ev).sock_type = d.sock.sock_type;
+        (*ev).protocol = d.sock.protocol;
         (*ev).family = d.sock.family;
         (*ev).class = d.class as u8;
         (*ev).action = d.action as u8;
         (*ev).matched = d.matched;
         (*ev).enforcer = d.enforcer;
-        (*ev).generation = d.generation as u8;
+        (*ev).epoch = d.epoch;
         (*ev).comm = bpf_get_current_comm().unwrap_or([0; 16]);
         if !task::offsets_valid() {
             fl |= flags::NO_EXE;
@@ -199,9 +202,10 @@ pub fn abandon_with_verdict(verdicts: (i32, i32)) -> i32 {
     verdict
 }
 
-/// Stage 1: the executable's path and the command line.
+/// Stage 1: the caller's socket(2) arguments, the executable's path and the command line.
+/// `lsm`: this stage runs in the LSM program, which may use `bpf_task_pt_regs`.
 #[inline(always)]
-pub fn capture_exe() {
+pub fn capture_exe(lsm: bool) {
     let tid = bpf_get_current_pid_tgid();
     let Some(pending) = ALERTS_IN_FLIGHT.get_ptr_mut(tid) else {
         return;
@@ -213,6 +217,20 @@ pub fn capture_exe() {
     unsafe {
         let ev = &raw mut (*pending).event;
         let mut fl = (*ev).flags;
+        // The hooks see the type without SOCK_NONBLOCK/SOCK_CLOEXEC, and the cgroup hook sees
+        // protocol 0 already resolved (to IPPROTO_UDP, …). The caller's own arguments are in
+        // the registers saved when it entered socket(2); they are this call's when the saved
+        // syscall number is socket's and family, base type and protocol agree with the hook.
+        if let Some((family, ty, protocol)) = task::socket_syscall_args(current, lsm) {
+            if family == (*ev).family as u64
+                && ty as u32 & SOCK_TYPE_MASK == (*ev).sock_type & SOCK_TYPE_MASK
+                && (protocol == (*ev).protocol as u64 || protocol == 0)
+            {
+                (*ev).sock_type = ty as u32;
+                (*ev).protocol = protocol as u32;
+                fl |= flags::TYPE_FLAGS_KNOWN;
+            }
+        }
         match task::exe_file(current) {
             Ok(file) if file != 0 => {
                 let (n, complete) = task::write_path(file, (*ev).exe.as_mut_ptr());

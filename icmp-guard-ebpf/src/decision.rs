@@ -4,26 +4,23 @@
 //! policy into exactly the keys looked up here.
 
 use aya_ebpf::helpers::{
-    bpf_get_current_pid_tgid, bpf_get_current_task, generated::bpf_get_current_cgroup_id,
+    bpf_get_current_pid_tgid, bpf_get_current_task,
+    generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
 };
 use icmp_guard_common::{
     Class, classify,
     event::matched,
     maps::{
         Action, CgroupKey, HOST_WORKLOAD, MAX_CGROUP_DEPTH, RULE_POSTURE, RuleKey, Settings,
-        WorkloadKey, counter,
+        WorkloadKey, control, counter, outcome,
     },
 };
 
 use crate::{
     alert::{self, Decided},
-    maps::{ACTIVE, RULES, SETTINGS, WORKLOAD_OF_CGROUP, WORKLOADS, count},
+    maps::{RULES, SETTINGS, STATE, WORKLOAD_OF_CGROUP, WORKLOADS, count, count_decision},
     task,
 };
-
-/// The agent's own process: it is never decided on, so it can never lock itself out.
-#[unsafe(no_mangle)]
-pub static AGENT_TGID: u32 = 0;
 
 /// What the hook saw. `sock_type` carries no `SOCK_NONBLOCK`/`SOCK_CLOEXEC`: the kernel strips
 /// them before either hook runs.
@@ -45,21 +42,37 @@ const ALLOW: Outcome = Outcome {
     staged: false,
 };
 
+/// Decides one socket. The order is what keeps the agent free for everything it does not
+/// decide: a family it never manages returns before any lookup, and a class no policy names
+/// returns after one read of the inlined `STATE` array. Only sockets of a class in use pay for
+/// the workload and rule lookups.
 #[inline(always)]
 pub fn decide(sock: &Socket, enforcer: u8) -> Outcome {
     let class = classify(sock.family, sock.sock_type, sock.protocol);
     if class == Class::Unmanaged {
         return ALLOW;
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let agent = unsafe { core::ptr::read_volatile(&raw const AGENT_TGID) };
-    if (pid_tgid >> 32) as u32 == agent {
-        return ALLOW;
-    }
-    let Some(generation) = ACTIVE.get(0).copied() else {
+    let Some(state) = STATE.get_ptr(0) else {
         return ALLOW;
     };
-    let generation = generation & 1;
+    // Each word is stored atomically by the agent; read each once.
+    let word = unsafe { core::ptr::read_volatile(&raw const (*state).control) };
+    if control::classes(word) & class.bit() == 0 {
+        return ALLOW;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let agent = unsafe { core::ptr::read_volatile(&raw const (*state).agent_tgid) };
+    if (pid_tgid >> 32) as u32 == agent {
+        // The agent's own sockets are never decided: it can never lock itself out.
+        return ALLOW;
+    }
+    let lease = unsafe { core::ptr::read_volatile(&raw const (*state).lease_until_ns) };
+    if lease != u64::MAX && unsafe { bpf_ktime_get_boot_ns() } >= lease {
+        // The agent is gone and did not come back in time: give every socket back.
+        count(counter::LEASE_LAPSED);
+        return ALLOW;
+    }
+    let generation = control::generation(word);
     let Some(settings) = SETTINGS.get(generation).copied() else {
         return ALLOW;
     };
@@ -78,7 +91,6 @@ pub fn decide(sock: &Socket, enforcer: u8) -> Outcome {
     if wp.rule_classes & bit == 0 && wp.posture_classes & bit == 0 {
         return ALLOW;
     }
-    count(counter::DECIDED);
 
     let current = unsafe { bpf_get_current_task() } as usize;
     let exe = if task::offsets_valid() {
@@ -126,18 +138,23 @@ pub fn decide(sock: &Socket, enforcer: u8) -> Outcome {
         found = Some((wp.posture_action, RULE_POSTURE, matched::POSTURE));
     }
     let Some((action, rule, how)) = found else {
+        count_decision(class as u8, outcome::ALLOWED);
         return ALLOW;
     };
     let action = Action::from_u8(action);
     if action == Action::Allow {
+        count_decision(class as u8, outcome::ALLOWED);
         return ALLOW;
     }
     let denied = action == Action::Block && settings.audit_only == 0;
-    if denied {
-        count(counter::BLOCKED);
-    } else {
-        count(counter::AUDITED);
-    }
+    count_decision(
+        class as u8,
+        if denied {
+            outcome::BLOCKED
+        } else {
+            outcome::AUDITED
+        },
+    );
     let staged = alert::stage(
         &Decided {
             sock,
@@ -150,7 +167,7 @@ pub fn decide(sock: &Socket, enforcer: u8) -> Outcome {
             denied,
             exe,
             pid_tgid,
-            generation,
+            epoch: control::epoch(word),
         },
         &settings,
     );

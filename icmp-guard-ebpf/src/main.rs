@@ -2,9 +2,9 @@
 //!
 //! Two enforcers share [`decision::decide`]: the BPF LSM `socket_create` hook (primary: sees every
 //! family, runs before the socket exists) and `cgroup/sock_create` (fallback where LSM programs
-//! cannot load: inet sockets only, after the kernel's own permission checks). A tracepoint on
-//! `sys_enter_socket` keeps the `SOCK_NONBLOCK`/`SOCK_CLOEXEC` flags for the alert. Each hook
-//! has two tail-called capture stages (see `alert.rs`), which return the hook's verdict.
+//! cannot load: inet sockets only, after the kernel's own permission checks). Nothing else is
+//! attached: no program runs for a syscall other than socket(2). Each hook has two tail-called
+//! capture stages (see `alert.rs`), which run only for an alert and return the hook's verdict.
 #![no_std]
 #![no_main]
 
@@ -14,15 +14,14 @@ mod maps;
 mod task;
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
-    macros::{cgroup_sock, lsm, tracepoint},
-    programs::{LsmContext, SockContext, TracePointContext},
+    macros::{cgroup_sock, lsm},
+    programs::{LsmContext, SockContext},
 };
-use icmp_guard_common::{Class, classify, event::enforcer, maps::PendingSocket};
+use icmp_guard_common::event::enforcer;
 
 use crate::{
     decision::Socket,
-    maps::{CGROUP_STAGES, LSM_STAGES, PENDING_SOCKET},
+    maps::{CGROUP_STAGES, LSM_STAGES},
 };
 
 const EPERM: i32 = 1;
@@ -85,7 +84,7 @@ pub fn socket_create(ctx: LsmContext) -> i32 {
 
 #[lsm(hook = "socket_create")]
 pub fn socket_create_capture_exe(ctx: LsmContext) -> i32 {
-    alert::capture_exe();
+    alert::capture_exe(true);
     let _ = unsafe { LSM_STAGES.tail_call(&ctx, STAGE_PARENT) };
     alert::abandon_with_verdict(LSM_VERDICTS)
 }
@@ -116,7 +115,7 @@ pub fn sock_create(ctx: SockContext) -> i32 {
 
 #[cgroup_sock(sock_create)]
 pub fn sock_create_capture_exe(ctx: SockContext) -> i32 {
-    alert::capture_exe();
+    alert::capture_exe(false);
     let _ = unsafe { CGROUP_STAGES.tail_call(&ctx, STAGE_PARENT) };
     alert::abandon_with_verdict(CGROUP_VERDICTS)
 }
@@ -124,34 +123,6 @@ pub fn sock_create_capture_exe(ctx: SockContext) -> i32 {
 #[cgroup_sock(sock_create)]
 pub fn sock_create_capture_parent(_ctx: SockContext) -> i32 {
     alert::capture_parent_and_submit(CGROUP_VERDICTS)
-}
-
-#[tracepoint]
-pub fn sys_enter_socket(ctx: TracePointContext) -> u32 {
-    // Offsets from /sys/kernel/tracing/events/syscalls/sys_enter_socket/format: the three
-    // arguments are 8-byte fields at 16, 24 and 32.
-    let (Ok(family), Ok(sock_type), Ok(protocol)) = (unsafe {
-        (
-            ctx.read_at::<u64>(16),
-            ctx.read_at::<u64>(24),
-            ctx.read_at::<u64>(32),
-        )
-    }) else {
-        return 0;
-    };
-    // Only sockets the hooks can decide ever need their flags: skip unix, netlink and the rest,
-    // which are most of the socket() calls on a machine.
-    if classify(family as u16, sock_type as u32, protocol as u32) == Class::Unmanaged {
-        return 0;
-    }
-    let pending = PendingSocket {
-        family: family as u32,
-        sock_type: sock_type as u32,
-        protocol: protocol as u32,
-        _pad: 0,
-    };
-    let _ = PENDING_SOCKET.insert(bpf_get_current_pid_tgid(), pending, 0);
-    0
 }
 
 #[cfg(not(test))]

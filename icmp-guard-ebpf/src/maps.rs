@@ -2,17 +2,19 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
 };
 use icmp_guard_common::event::SocketEvent;
 use icmp_guard_common::maps::{
-    CgroupKey, MAX_RULES, MAX_WORKLOAD_CGROUPS, MAX_WORKLOADS, PendingSocket, RateState, RuleKey,
-    Settings, Verdict, WorkloadKey, WorkloadPolicy, counter,
+    BPF_F_MMAPABLE, CgroupKey, DECISION_SLOTS, MAX_RULES, MAX_SUPPRESS_KEYS, MAX_WORKLOAD_CGROUPS,
+    MAX_WORKLOADS, RateState, RuleKey, Settings, State, SuppressKey, Verdict, WorkloadKey,
+    WorkloadPolicy, counter, outcome,
 };
 
-/// Index 0: the active generation (0 or 1).
+/// The one entry every managed socket reads first: active generation, classes in use, lease,
+/// the agent's own pid. Mapped by the agent, which stores each word atomically.
 #[map]
-pub static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+pub static STATE: Array<State> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// Index = generation.
 #[map]
@@ -33,18 +35,23 @@ pub static RULES: HashMap<RuleKey, Verdict> = HashMap::with_max_entries(MAX_RULE
 #[map]
 pub static RATE: HashMap<u32, RateState> = HashMap::with_max_entries(MAX_WORKLOADS, 0);
 
-/// Alerts suppressed by the rate limit, per workload and per CPU: each CPU adds to its own slot,
-/// so no suppressed alert goes uncounted; the agent sums the slots.
+/// Alerts suppressed by the rate limit, per (workload, rule, class, action, executable) and per
+/// CPU: each CPU adds to its own slot, so no suppressed alert goes uncounted; the agent sums the
+/// slots and says in each summary what was suppressed.
 #[map]
-pub static SUPPRESSED: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(MAX_WORKLOADS, 0);
+pub static SUPPRESSED: PerCpuHashMap<SuppressKey, u64> =
+    PerCpuHashMap::with_max_entries(MAX_SUPPRESS_KEYS, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
+/// Decisions per (class, outcome), per CPU.
+#[map]
+pub static DECISIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DECISION_SLOTS, 0);
+
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(icmp_guard_common::maps::EVENTS_BYTES, 0);
 
-/// socket(2) arguments with their flags, per thread, from `sys_enter_socket`.
 /// An alert in flight through the tail-called stages, with the decision the hook returns.
 #[repr(C)]
 pub struct PendingAlert {
@@ -68,12 +75,20 @@ pub static LSM_STAGES: ProgramArray = ProgramArray::with_max_entries(2, 0);
 #[map]
 pub static CGROUP_STAGES: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
-#[map]
-pub static PENDING_SOCKET: LruHashMap<u64, PendingSocket> = LruHashMap::with_max_entries(4096, 0);
-
 #[inline(always)]
 pub fn count(index: u32) {
-    if let Some(c) = COUNTERS.get_ptr_mut(index) {
+    add(&COUNTERS, index);
+}
+
+/// Counts one decision of `class` with `outcome` (see `maps::outcome`).
+#[inline(always)]
+pub fn count_decision(class: u8, what: u32) {
+    add(&DECISIONS, class as u32 * outcome::COUNT + what);
+}
+
+#[inline(always)]
+fn add(map: &PerCpuArray<u64>, index: u32) {
+    if let Some(c) = map.get_ptr_mut(index) {
         // Per-CPU slot: no other CPU writes it, so a plain add is exact.
         unsafe { *c += 1 };
     }

@@ -5,7 +5,10 @@
 
 use aya_ebpf::helpers::{
     bpf_probe_read_kernel,
-    generated::{bpf_probe_read_kernel_str, bpf_probe_read_user},
+    generated::{
+        bpf_get_current_task_btf, bpf_probe_read_kernel_str, bpf_probe_read_user,
+        bpf_task_pt_regs,
+    },
 };
 use icmp_guard_common::{
     event::{CMDLINE_BUF, PATH_COMPONENT_MAX, PATH_MAX_DEPTH},
@@ -45,6 +48,15 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     cgroup_kn: 0,
     kernfs_node_parent: 0,
     kernfs_node_id: 0,
+    task_stack: 0,
+    thread_size: 0,
+    pt_regs_size: 0,
+    pt_regs_orig_ax: 0,
+    pt_regs_arg1: 0,
+    pt_regs_arg2: 0,
+    pt_regs_arg3: 0,
+    syscall_regs: 0,
+    task_pt_regs_helper: 0,
     valid: 0,
 };
 
@@ -136,6 +148,54 @@ pub fn ns_tgid(task: usize, level: Option<u32>) -> Result<(u32, u32), i32> {
         off!(pid_numbers) + slot * off!(upid_size) + off!(upid_nr),
     )?;
     Ok((own, nr))
+}
+
+/// x86_64's `__NR_socket`.
+const NR_SOCKET: u64 = 41;
+/// The padding kernels may leave above the saved registers at the top of the stack: none, or
+/// 16 bytes on kernels built with FRED (x86_64 `TOP_OF_KERNEL_STACK_PADDING`).
+const STACK_PADDINGS: [usize; 2] = [0, 16];
+
+/// The current task's socket(2) arguments (family, type with its flags, protocol), read from
+/// the registers saved when it entered the syscall, or `None` when the saved syscall number is
+/// not socket(2) or the registers cannot be found. `lsm`: the caller is an LSM program, which
+/// may use `bpf_task_pt_regs` where the kernel has it; otherwise their place at the top of the
+/// task's kernel stack is computed (5.10 has no such helper, cgroup programs may not call it).
+#[inline(always)]
+pub fn socket_syscall_args(task: usize, lsm: bool) -> Option<(u64, u64, u64)> {
+    if off!(syscall_regs) != 1 {
+        return None;
+    }
+    if lsm && off!(task_pt_regs_helper) == 1 {
+        // SAFETY: helpers with a BTF task pointer; the result is only ever read through
+        // bpf_probe_read_kernel.
+        let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as usize;
+        return socket_args_at(regs);
+    }
+    let stack: usize = read(task, off!(task_stack)).ok()?;
+    if stack == 0 {
+        return None;
+    }
+    for padding in STACK_PADDINGS {
+        let regs = stack + off!(thread_size) - padding - off!(pt_regs_size);
+        if let Some(args) = socket_args_at(regs) {
+            return Some(args);
+        }
+    }
+    None
+}
+
+#[inline(always)]
+fn socket_args_at(regs: usize) -> Option<(u64, u64, u64)> {
+    let nr: u64 = read(regs, off!(pt_regs_orig_ax)).ok()?;
+    if nr != NR_SOCKET {
+        return None;
+    }
+    Some((
+        read(regs, off!(pt_regs_arg1)).ok()?,
+        read(regs, off!(pt_regs_arg2)).ok()?,
+        read(regs, off!(pt_regs_arg3)).ok()?,
+    ))
 }
 
 /// Writes the path of `file` into `buf` (`PATH_BUF` bytes) as fixed slots, leaf first (see

@@ -1,7 +1,7 @@
 //! `icmp-guard run`: start the enforcer, apply the policy, stream alerts, keep the policy fresh.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow};
+use icmp_guard_common::maps::SuppressKey;
 use log::{error, info, warn};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
@@ -313,7 +314,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         &offsets,
     )?;
     enforcer.apply(&compiled)?;
-    let generation = enforcer.active_generation();
+    let epoch = enforcer.epoch();
     info!(
         "{READY} the {} enforcer{}: {} policies, {} kernel rules, {} workloads, mode {:?}",
         enforcer.kind.name(),
@@ -342,8 +343,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         );
     }
     let events = enforcer.take_events()?;
-    let mut rules: [Arc<Vec<compile::RuleInfo>>; 2] = Default::default();
-    rules[generation as usize] = Arc::new(compiled.rules_info.clone());
+    let mut rules = alert::RuleTables::default();
+    rules.insert(epoch, Arc::new(compiled.rules_info.clone()));
     let shared = Arc::new(Shared {
         context: std::sync::RwLock::new(alert::Context {
             cluster_name: config.cluster_name.clone(),
@@ -352,6 +353,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             boot_to_unix_ns: alert::boot_to_unix_ns(),
             workloads: env.workloads.iter().map(|w| (w.id, w.clone())).collect(),
             rules,
+            executables: Default::default(),
         }),
         enforcer: Mutex::new(enforcer),
         limit: env.alerts_per_sec,
@@ -465,22 +467,37 @@ async fn serve(
         Ok(outputs) => outputs.close(Duration::from_secs(2)).await,
         Err(_) => warn!("alert outputs still in use at stop; the last alerts may be unwritten"),
     }
-    let counters = shared.enforcer.lock().expect("enforcer lock").counters()?;
+    let (counters, decisions) = {
+        let mut e = shared.enforcer.lock().expect("enforcer lock");
+        (e.counters()?, e.decisions()?)
+    };
+    let by_class: Vec<String> = decisions
+        .iter()
+        .map(|(class, [allowed, audited, blocked])| {
+            format!("{} {allowed}/{audited}/{blocked}", class.name())
+        })
+        .collect();
     info!(
         "stopped; kernel counters: decided {}, blocked {}, audited {}, ring buffer full {}, \
-         identity read errors {}; the programs are detached and every socket is allowed again",
+         identity read errors {}; decisions by class (allowed/audited/blocked): {}; the programs \
+         are detached and every socket is allowed again",
         counters.decided,
         counters.blocked,
         counters.audited,
         counters.ringbuf_full,
-        counters.identity_errors
+        counters.identity_errors,
+        if by_class.is_empty() {
+            "none".to_string()
+        } else {
+            by_class.join(", ")
+        }
     );
     Ok(())
 }
 
 #[derive(Default)]
 struct Losses {
-    suppressed: HashMap<u32, u64>,
+    suppressed: BTreeMap<SuppressKey, u64>,
     counters: Counters,
     userspace: u64,
 }
@@ -494,16 +511,16 @@ async fn announce_losses(shared: &Shared, outputs: &Outputs, seen: &mut Losses) 
     {
         let ctx = shared.context.read().expect("context lock");
         if let Ok(suppressed) = suppressed {
-            for (w, total) in suppressed {
-                let before = seen.suppressed.insert(w, total).unwrap_or(0);
+            // One summary per workload, saying what was suppressed since the last one.
+            let mut new: BTreeMap<u32, Vec<(SuppressKey, u64)>> = BTreeMap::new();
+            for (k, total) in suppressed {
+                let before = seen.suppressed.insert(k, total).unwrap_or(0);
                 if total > before {
-                    events.push(ctx.loss_event(
-                        "suppressed by the alert rate limit",
-                        total - before,
-                        Some(w),
-                        shared.limit,
-                    ));
+                    new.entry(k.workload).or_default().push((k, total - before));
                 }
+            }
+            for entries in new.values() {
+                events.push(ctx.suppression_event(entries, shared.limit));
             }
         }
         if let Ok(c) = counters {
@@ -517,7 +534,7 @@ async fn announce_losses(shared: &Shared, outputs: &Outputs, seen: &mut Losses) 
                 (
                     c.suppress_lost,
                     was.suppress_lost,
-                    "suppressed while the per-workload suppression map was full",
+                    "suppressed while the suppression map was full",
                 ),
                 (
                     c.stage_errors,
@@ -590,20 +607,25 @@ async fn refresh(
     report_unresolved(&compiled, matches!(source, PolicySource::Embedded));
     let shared2 = shared.clone();
     let c2 = compiled.clone();
-    let applied = tokio::task::spawn_blocking(move || -> Result<u32> {
+    let applied = tokio::task::spawn_blocking(move || -> Result<u16> {
         let mut e = shared2.enforcer.lock().expect("enforcer lock");
+        // The rule table goes in first: an alert of the new epoch may be read at once.
+        let next = e.epoch().wrapping_add(1);
+        shared2
+            .context
+            .write()
+            .expect("context lock")
+            .rules
+            .insert(next, Arc::new(c2.rules_info.clone()));
         e.apply(&c2)?;
-        let g = e.active_generation();
-        shared2.context.write().expect("context lock").rules[g as usize] =
-            Arc::new(c2.rules_info.clone());
-        Ok(g)
+        Ok(e.epoch())
     })
     .await;
     match applied {
         Ok(Ok(g)) => {
             let n = RELOADS.fetch_add(1, Ordering::Relaxed) + 1;
             info!(
-                "policy {} applied as generation {g} (reload #{n}): {} kernel rules",
+                "policy {} applied as update {g} (reload #{n}): {} kernel rules",
                 if policy_changed {
                     "change"
                 } else {

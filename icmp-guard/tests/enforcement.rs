@@ -362,6 +362,65 @@ fn other_programs_tcp_udp_and_unix_sockets_are_untouched() {
 }
 
 #[test]
+fn classes_no_policy_names_are_never_decided() {
+    // The strict policy names icmp, icmpv6, raw and packet. tcp and udp sockets must leave the
+    // hook after its one read of the control word: no decision is counted for them, while the
+    // refused raw socket is.
+    let cg = TestCgroup::new("undecided");
+    let agent = start_strict(&cg, &[]);
+    let script = "import socket\n\
+        for _ in range(50):\n\
+        \x20   socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()\n\
+        \x20   socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).close()\n\
+        \x20   socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close()\n\
+        try:\n\
+        \x20   socket.socket(socket.AF_INET, socket.SOCK_RAW, 255)\n\
+        except PermissionError:\n\
+        \x20   print('RAW-REFUSED')\n";
+    let out = run_probe(&placement(&cg), &[require_tool(PYTHON), "-c", script]);
+    assert!(text(&out).contains("RAW-REFUSED"), "{}", text(&out));
+    let log = agent.log.clone();
+    agent.stop();
+    // The agent's last line may still be on its way through the log reader.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let line = loop {
+        if let Some(l) = log
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains("decisions by class"))
+        {
+            break l.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no decision counts at stop; log:\n{}",
+            log.lock().unwrap().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let counts = line
+        .split("decisions by class (allowed/audited/blocked): ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .unwrap_or_else(|| panic!("unexpected stop line: {line}"));
+    let classes: Vec<&str> = counts
+        .split(", ")
+        .map(|c| c.split(' ').next().unwrap())
+        .collect();
+    assert!(
+        !classes.contains(&"tcp") && !classes.contains(&"udp"),
+        "tcp or udp sockets were decided: {counts}"
+    );
+    let raw = counts
+        .split(", ")
+        .find(|c| c.starts_with("raw "))
+        .unwrap_or_else(|| panic!("the refused raw socket was not counted: {counts}"));
+    let blocked: u64 = raw.rsplit('/').next().unwrap().parse().unwrap();
+    assert!(blocked >= 1, "{raw}");
+}
+
+#[test]
 fn packet_sockets_follow_the_enforcer() {
     let cg = TestCgroup::new("packet");
     let agent = start_strict(&cg, &[]);

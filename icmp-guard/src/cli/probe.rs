@@ -32,7 +32,8 @@ pub struct Report {
     pub lsm_list: Option<String>,
     pub cgroup2_mount: Result<String, String>,
     pub bpffs_mounted: bool,
-    pub socket_tracepoint: String,
+    /// Where alerts take the caller's SOCK_NONBLOCK/SOCK_CLOEXEC flags from.
+    pub socket_flags: String,
     pub auto_enforcer: Option<String>,
     pub blind_spots: Vec<String>,
 }
@@ -56,21 +57,20 @@ pub fn collect() -> Report {
                 .any(|l| l.split_whitespace().nth(2) == Some("bpf"))
         })
         .unwrap_or(false);
-    let socket_tracepoint = if tracefs_events().is_some() {
-        tracefs_events()
-            .map(|e| e.join("syscalls/sys_enter_socket").exists())
-            .map(|b| {
-                if b {
-                    "yes"
-                } else {
-                    "no (CONFIG_FTRACE_SYSCALLS is off)"
-                }
-            })
-    } else {
-        Some("tracefs is not mounted; `run` mounts it on /sys/kernel/tracing")
-    }
-    .unwrap_or_default()
-    .to_string();
+    let socket_flags = match kernel_offsets::from_running_kernel() {
+        Ok(o) if o.syscall_regs == 1 => format!(
+            "from the registers saved at socket(2) entry ({} for the LSM enforcer, the top of \
+             the kernel stack for the cgroup enforcer)",
+            if o.task_pt_regs_helper == 1 {
+                "bpf_task_pt_regs"
+            } else {
+                "the top of the kernel stack"
+            }
+        ),
+        Ok(_) => "unknown: the saved syscall registers cannot be located on this architecture"
+            .to_string(),
+        Err(e) => format!("unknown: {e:#}"),
+    };
     let auto = if lsm_program_loads.is_ok() {
         Some(EnforcerKind::Lsm)
     } else if cgroup2_mount.is_ok() {
@@ -86,22 +86,12 @@ pub fn collect() -> Report {
         lsm_list,
         cgroup2_mount,
         bpffs_mounted,
-        socket_tracepoint,
+        socket_flags,
         auto_enforcer: auto.map(|k| k.name().to_string()),
         blind_spots: auto
             .map(|k| k.blind_spots().iter().map(|s| s.to_string()).collect())
             .unwrap_or_default(),
     }
-}
-
-fn tracefs_events() -> Option<std::path::PathBuf> {
-    [
-        "/sys/kernel/tracing/events",
-        "/sys/kernel/debug/tracing/events",
-    ]
-    .iter()
-    .map(std::path::PathBuf::from)
-    .find(|p| p.exists())
 }
 
 pub fn run(args: &ProbeArgs) -> Result<()> {
@@ -137,7 +127,7 @@ pub fn run(args: &ProbeArgs) -> Result<()> {
             "not mounted (not needed: icmp-guard pins nothing)"
         }
     );
-    println!("socket tracepoint      {}", r.socket_tracepoint);
+    println!("socket type flags      {}", r.socket_flags);
     match &r.auto_enforcer {
         Some(k) => println!("--enforcer auto picks  {k}"),
         None => println!("--enforcer auto picks  nothing: neither LSM nor cgroup v2 is usable"),

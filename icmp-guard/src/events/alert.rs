@@ -11,7 +11,7 @@ use icmp_guard_common::{
     Class,
     class::{SOCK_CLOEXEC, SOCK_NONBLOCK, SOCK_TYPE_MASK},
     event::{PATH_COMPONENT_MAX, SocketEvent, flags},
-    maps::{Action, HOST_WORKLOAD, RULE_POSTURE},
+    maps::{Action, HOST_WORKLOAD, RULE_POSTURE, SuppressKey},
 };
 use serde::{Deserialize, Serialize};
 
@@ -117,8 +117,40 @@ pub struct Context {
     /// `CLOCK_REALTIME - CLOCK_BOOTTIME` in nanoseconds, to place boot-time stamps on the wall.
     pub boot_to_unix_ns: i128,
     pub workloads: BTreeMap<u32, Workload>,
-    /// Rule tables of the two policy generations, as last applied.
-    pub rules: [Arc<Vec<RuleInfo>>; 2],
+    /// Rule tables of the last policy updates, by epoch.
+    pub rules: RuleTables,
+    /// Executable paths seen in alerts, by identity: what a suppression summary names.
+    pub executables: std::sync::Mutex<BTreeMap<(u64, u64), String>>,
+}
+
+/// Rule tables by the epoch of the policy update that installed them (`maps::control`). An
+/// alert names its epoch; it may be read after later updates, so several tables are kept.
+#[derive(Clone, Debug, Default)]
+pub struct RuleTables {
+    by_epoch: BTreeMap<u16, Arc<Vec<RuleInfo>>>,
+}
+
+impl RuleTables {
+    /// Updates older than the last this many are forgotten; an alert that old names no rule
+    /// and says so.
+    const KEEP: usize = 16;
+
+    pub fn insert(&mut self, epoch: u16, rules: Arc<Vec<RuleInfo>>) {
+        self.by_epoch.insert(epoch, rules);
+        // Epochs wrap at 2^16: forget by insertion distance, not by value.
+        while self.by_epoch.len() > Self::KEEP {
+            let oldest = *self
+                .by_epoch
+                .keys()
+                .max_by_key(|e| epoch.wrapping_sub(**e))
+                .expect("not empty");
+            self.by_epoch.remove(&oldest);
+        }
+    }
+
+    pub fn get(&self, epoch: u16) -> Option<&Arc<Vec<RuleInfo>>> {
+        self.by_epoch.get(&epoch)
+    }
 }
 
 /// Copies a ring-buffer record out (records are not aligned).
@@ -299,7 +331,7 @@ impl Context {
         }
         if ev.rule == RULE_POSTURE {
             a.policy_name = "DefaultPosture".into();
-        } else if let Some(r) = self.rules[(ev.generation & 1) as usize].get(ev.rule as usize) {
+        } else if let Some(r) = self.rule(ev.epoch, ev.rule) {
             a.policy_name = r.policy.clone();
             a.severity = r.severity.map(|s| s.to_string()).unwrap_or_default();
             a.tags = r.tags.join(",");
@@ -307,6 +339,20 @@ impl Context {
             a.message = r.message.clone().unwrap_or_default();
             a.event_data
                 .insert("RuleOrigin".into(), r.origin.to_string());
+        } else {
+            a.event_data.insert(
+                "Rule".into(),
+                format!(
+                    "unknown: rule {} of policy update {}, which is no longer kept",
+                    ev.rule, ev.epoch
+                ),
+            );
+        }
+        if !a.process_name.is_empty() {
+            self.executables
+                .lock()
+                .expect("executables lock")
+                .insert((ev.exe_dev, ev.exe_ino), a.process_name.clone());
         }
 
         let class = Class::from_u8(ev.class);
@@ -342,6 +388,10 @@ impl Context {
         a
     }
 
+    fn rule(&self, epoch: u16, index: u32) -> Option<&RuleInfo> {
+        self.rules.get(epoch)?.get(index as usize)
+    }
+
     /// A `SystemEvent` announcing alerts that were not delivered, and why. KubeArmor announces
     /// its own throttling the same way.
     pub fn loss_event(&self, what: &str, count: u64, workload: Option<u32>, limit: u32) -> Alert {
@@ -365,6 +415,63 @@ impl Context {
         a.event_data.insert("Reason".into(), what.into());
         a.event_data.insert("Count".into(), count.to_string());
         a
+    }
+
+    /// The rate limit's summary for one workload: how many alerts were suppressed, and for
+    /// each (process, class, policy, action) how many, largest first, so that a flood from one
+    /// scanner never hides that another program was blocked. `entries` are the counts since the
+    /// last summary, all of one workload.
+    pub fn suppression_event(&self, entries: &[(SuppressKey, u64)], limit: u32) -> Alert {
+        let total = entries.iter().map(|(_, n)| n).sum();
+        let workload = entries.first().map(|(k, _)| k.workload);
+        let mut a = self.loss_event("suppressed by the alert rate limit", total, workload, limit);
+        let mut lines: Vec<(u64, String)> = entries
+            .iter()
+            .map(|(k, n)| (*n, self.suppressed_as_text(k)))
+            .collect();
+        lines.sort_by(|x, y| y.0.cmp(&x.0).then_with(|| x.1.cmp(&y.1)));
+        let listed: Vec<String> = lines
+            .iter()
+            .map(|(n, what)| format!("{n} x {what}"))
+            .collect();
+        a.message = format!("{}: {}", a.message, listed.join("; "));
+        a.event_data.insert("Suppressed".into(), listed.join("; "));
+        a
+    }
+
+    /// `process=… class=… policy=… action=…` for a suppressed alert.
+    fn suppressed_as_text(&self, k: &SuppressKey) -> String {
+        let process = self
+            .executables
+            .lock()
+            .expect("executables lock")
+            .get(&(k.exe_dev, k.exe_ino))
+            .cloned()
+            .unwrap_or_else(|| {
+                format!(
+                    "executable {}:{}/{}",
+                    k.exe_dev >> 20,
+                    k.exe_dev & 0xfffff,
+                    k.exe_ino
+                )
+            });
+        let policy = if k.rule == RULE_POSTURE {
+            "DefaultPosture".to_string()
+        } else {
+            self.rule(k.epoch, k.rule)
+                .map(|r| r.policy.clone())
+                .unwrap_or_else(|| format!("rule {} of policy update {}", k.rule, k.epoch))
+        };
+        let action = match Action::from_u8(k.action) {
+            Action::Allow => "Allow",
+            Action::Audit => "Audit",
+            Action::Block if k.denied != 0 => "Block",
+            Action::Block => "Audit (Block)",
+        };
+        format!(
+            "process={process} class={} policy={policy} action={action}",
+            Class::from_u8(k.class).name()
+        )
     }
 }
 

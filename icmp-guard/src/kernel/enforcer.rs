@@ -9,38 +9,41 @@
 //! Links are owned by this process and never pinned: when the agent exits, for whatever reason,
 //! the kernel detaches the programs and every socket is allowed again. Stopping the agent is
 //! always a way back.
+//!
+//! Only these hooks are attached: the agent costs nothing to a syscall other than socket(2), and
+//! a socket of a family or class no policy decides is allowed after at most one array read.
 
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::BTreeMap,
     fs::File,
+    os::fd::AsFd,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSock, Lsm, ProgramError, TracePoint},
+    programs::{CgroupAttachMode, CgroupSock, Lsm, ProgramError},
 };
 use icmp_guard_common::{
+    Class,
     maps::{
-        self as m, ACTIVE_GENERATION_INDEX, CgroupKey, RuleKey, Settings, Verdict, WorkloadKey,
-        WorkloadPolicy, counter,
+        self as m, CgroupKey, RuleKey, Settings, SuppressKey, Verdict, WorkloadKey, WorkloadPolicy,
+        control, counter, outcome,
     },
     offsets::KernelOffsets,
 };
-use log::{info, warn};
+use log::warn;
 
+use super::state::{self, Quiescence, StateMap};
 use crate::compile::Compiled;
 
 /// The kernel object built by build.rs from `icmp-guard-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/icmp-guard.bpf.o"));
 
-/// A decision runs in microseconds; a generation is rewritten only after it has been inactive
-/// for at least this long, so no decision can still be reading it. This is what makes policy
-/// updates atomic without an RCU primitive in userspace.
-const GENERATION_QUIESCENCE: Duration = Duration::from_secs(1);
+/// Version of the map layout this agent writes (`State::layout`).
+pub const LAYOUT: u32 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum EnforcerChoice {
@@ -95,19 +98,66 @@ pub struct Options<'a> {
 
 pub struct Enforcer {
     pub kind: EnforcerKind,
-    /// Whether `sys_enter_socket` is attached (alerts then carry the type flags).
-    pub type_flags: bool,
     pub attached_cgroup: Option<PathBuf>,
     ebpf: Ebpf,
-    active: Option<u32>,
-    last_flip: Option<Instant>,
+    state: StateMap,
+    /// What each generation holds in the kernel (`None`: unknown, rewrite it in full), so that
+    /// an update writes only what changed.
+    written: [Option<Generation>; 2],
+    /// Epoch of the active generation (see `maps::control`).
+    epoch: u16,
+    /// The generation left by the last flip may still be read by a decision that started
+    /// before it; it is rewritten only after a grace period.
+    flipped_since_quiescence: bool,
+    /// How the last wait for readers went (reported once if it had to sleep).
+    quiescence: Option<Quiescence>,
+}
+
+/// One generation's entries, without the generation in the keys.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Generation {
+    settings: Settings,
+    cgroups: BTreeMap<u64, u32>,
+    workloads: BTreeMap<u32, WorkloadPolicy>,
+    rules: BTreeMap<(u32, u8, u64, u64), Verdict>,
+}
+
+impl Generation {
+    fn of(c: &Compiled) -> Self {
+        Generation {
+            settings: c.settings,
+            cgroups: c.cgroups.iter().copied().collect(),
+            workloads: c.workloads.clone(),
+            rules: c
+                .rules
+                .iter()
+                .map(|(slot, v)| {
+                    let (dev, ino) = slot.exe.map(|e| (e.dev, e.ino)).unwrap_or((0, 0));
+                    (
+                        (slot.workload, slot.class as u8, dev, ino),
+                        Verdict {
+                            action: v.action as u8,
+                            _pad: [0; 3],
+                            rule: v.rule,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// The classes some workload decides, by a rule or by its posture: every other class is
+    /// allowed after one read of the control word.
+    fn classes_in_use(&self) -> u16 {
+        self.workloads
+            .values()
+            .fold(0, |m, wp| m | wp.rule_classes | wp.posture_classes)
+    }
 }
 
 fn load_object(offsets: &KernelOffsets) -> Result<Ebpf> {
-    let tgid = std::process::id();
     EbpfLoader::new()
         .override_global("OFFSETS", offsets, true)
-        .override_global("AGENT_TGID", &tgid, true)
         .load(OBJECT)
         .context("loading the icmp-guard kernel object (maps and programs)")
 }
@@ -208,13 +258,25 @@ impl Enforcer {
                 },
             },
         };
+        let Some(aya::maps::Map::Array(state)) = ebpf.map(m::MAP_STATE) else {
+            bail!("kernel object has no array map {}", m::MAP_STATE);
+        };
+        let state = StateMap::map(state.fd().as_fd())?;
+        // Nothing decided until the first policy is written: no class is in use. The epoch
+        // starts one before 0 so that the first policy goes to generation 0 as epoch 0.
+        state.set_control(control::word(u16::MAX, 0));
+        state.set_lease_until_ns(u64::MAX);
+        state.set_agent_tgid(std::process::id());
+        state.set_layout(LAYOUT);
         let mut enforcer = Enforcer {
             kind,
-            type_flags: false,
             attached_cgroup: None,
             ebpf,
-            active: None,
-            last_flip: None,
+            state,
+            written: [None, None],
+            epoch: u16::MAX,
+            flipped_since_quiescence: false,
+            quiescence: None,
         };
         // Empty policy first: the programs must never run against half-written maps.
         log::debug!("writing the empty initial policy");
@@ -249,123 +311,121 @@ impl Enforcer {
                 enforcer.attached_cgroup = Some(opts.cgroup.to_path_buf());
             }
         }
-        log::debug!("attaching sys_enter_socket");
-        enforcer.type_flags = enforcer.attach_type_flags();
         log::debug!("enforcer ready");
         Ok(enforcer)
     }
 
-    /// `sys_enter_socket` keeps the caller's SOCK_NONBLOCK/SOCK_CLOEXEC for alerts; without it
-    /// alerts still come, with the bare type.
-    fn attach_type_flags(&mut self) -> bool {
-        ensure_tracefs();
-        let result = (|| -> Result<()> {
-            let prog: &mut TracePoint = self
-                .ebpf
-                .program_mut("sys_enter_socket")
-                .ok_or_else(|| anyhow!("no sys_enter_socket program"))?
-                .try_into()?;
-            prog.load()?;
-            prog.attach("syscalls", "sys_enter_socket")?;
-            Ok(())
-        })();
-        match result {
-            Ok(()) => true,
-            Err(e) => {
-                warn!(
-                    "cannot attach the syscalls/sys_enter_socket tracepoint ({e:#}); alerts will \
-                     show the socket type without SOCK_NONBLOCK/SOCK_CLOEXEC"
-                );
-                false
-            }
-        }
-    }
-
-    /// Installs `compiled` atomically: the inactive generation is written in full, then the
-    /// active-generation index flips in a single array write. A decision reads that index once,
-    /// so it sees the old policy or the new one, never a mix.
+    /// Installs `compiled` atomically: the inactive generation is brought to the new policy,
+    /// then one atomic store of the control word makes it active (with the classes it decides).
+    /// A decision reads that word once, so it sees the old policy or the new one, never a mix.
+    /// Only what differs from what the generation held is written.
     pub fn apply(&mut self, compiled: &Compiled) -> Result<()> {
-        let next = match self.active {
-            None => 0,
-            Some(g) => g ^ 1,
-        };
-        if let Some(t) = self.last_flip {
-            let since = t.elapsed();
-            if since < GENERATION_QUIESCENCE {
-                std::thread::sleep(GENERATION_QUIESCENCE - since);
+        let epoch = self.epoch.wrapping_add(1);
+        let generation = control::generation(epoch as u64);
+        if self.flipped_since_quiescence {
+            // Decisions that read the control word before the last flip may still be reading
+            // the generation about to be rewritten; wait until none is left.
+            let q = state::wait_for_readers();
+            if let Quiescence::Sleep(d) = q
+                && self.quiescence != Some(q)
+            {
+                warn!(
+                    "membarrier(MEMBARRIER_CMD_GLOBAL) is not available ({}); policy updates \
+                     wait {d:?} each instead of one RCU grace period",
+                    std::io::Error::last_os_error()
+                );
             }
+            self.quiescence = Some(q);
+            self.flipped_since_quiescence = false;
         }
-        self.clear_generation(next)?;
-        if let Err(e) = self.write_generation(next, compiled) {
-            // Leave nothing of a half-written policy behind; the active one is untouched.
-            let _ = self.clear_generation(next);
+        let target = Generation::of(compiled);
+        let held = self.written[generation as usize].take();
+        if let Err(e) = self.write_generation(generation, held.as_ref(), &target) {
+            // The generation is inactive and now half-written: the next update rewrites it in
+            // full. The active one is untouched.
             return Err(
                 e.context("the new policy was not applied; the previous one stays in force")
             );
         }
-        let mut active: Array<&mut MapData, u32> = Array::try_from(self.map(m::MAP_ACTIVE)?)?;
-        active.set(ACTIVE_GENERATION_INDEX, next, 0)?;
-        self.active = Some(next);
-        self.last_flip = Some(Instant::now());
+        self.state
+            .set_control(control::word(epoch, target.classes_in_use()));
+        self.written[generation as usize] = Some(target);
+        self.epoch = epoch;
+        self.flipped_since_quiescence = true;
         Ok(())
     }
 
-    fn write_generation(&mut self, generation: u32, c: &Compiled) -> Result<()> {
-        {
+    /// Brings `generation` from `held` (`None`: unknown contents) to `target`.
+    fn write_generation(
+        &mut self,
+        generation: u32,
+        held: Option<&Generation>,
+        target: &Generation,
+    ) -> Result<()> {
+        if held.is_none() {
+            self.clear_generation(generation)?;
+        }
+        let empty = Generation::default();
+        let held = held.unwrap_or(&empty);
+        if held.settings != target.settings || held == &empty {
             let mut settings: Array<&mut MapData, Settings> =
                 Array::try_from(self.map(m::MAP_SETTINGS)?)?;
-            settings.set(generation, c.settings, 0)?;
+            settings.set(generation, target.settings, 0)?;
         }
         {
             let mut cgroups: HashMap<&mut MapData, CgroupKey, u32> =
                 HashMap::try_from(self.map(m::MAP_WORKLOAD_OF_CGROUP)?)?;
-            for &(cgroup_id, workload) in &c.cgroups {
-                let key = CgroupKey {
-                    generation,
-                    _pad: 0,
-                    cgroup_id,
-                };
-                cgroups.insert(key, workload, 0)?;
+            let key = |cgroup_id| CgroupKey {
+                generation,
+                _pad: 0,
+                cgroup_id,
+            };
+            let (gone, changed) = diff(&held.cgroups, &target.cgroups);
+            for k in gone {
+                cgroups.remove(&key(*k))?;
+            }
+            for (k, v) in changed {
+                cgroups.insert(key(*k), v, 0)?;
             }
         }
         {
             let mut workloads: HashMap<&mut MapData, WorkloadKey, WorkloadPolicy> =
                 HashMap::try_from(self.map(m::MAP_WORKLOADS)?)?;
-            for (&workload, wp) in &c.workloads {
-                workloads.insert(
-                    WorkloadKey {
-                        generation,
-                        workload,
-                    },
-                    *wp,
-                    0,
-                )?;
+            let key = |workload| WorkloadKey {
+                generation,
+                workload,
+            };
+            let (gone, changed) = diff(&held.workloads, &target.workloads);
+            for k in gone {
+                workloads.remove(&key(*k))?;
+            }
+            for (k, v) in changed {
+                workloads.insert(key(*k), v, 0)?;
             }
         }
         let mut rules: HashMap<&mut MapData, RuleKey, Verdict> =
             HashMap::try_from(self.map(m::MAP_RULES)?)?;
-        for (slot, v) in &c.rules {
-            let (exe_dev, exe_ino) = slot.exe.map(|e| (e.dev, e.ino)).unwrap_or((0, 0));
-            let key = RuleKey {
-                generation,
-                workload: slot.workload,
-                class: slot.class as u8,
-                _pad: [0; 7],
-                exe_dev,
-                exe_ino,
-            };
-            let verdict = Verdict {
-                action: v.action as u8,
-                _pad: [0; 3],
-                rule: v.rule,
-            };
+        let key = |&(workload, class, exe_dev, exe_ino): &(u32, u8, u64, u64)| RuleKey {
+            generation,
+            workload,
+            class,
+            _pad: [0; 7],
+            exe_dev,
+            exe_ino,
+        };
+        let (gone, changed) = diff(&held.rules, &target.rules);
+        for k in gone {
+            rules.remove(&key(k))?;
+        }
+        for (k, v) in changed {
             rules
-                .insert(key, verdict, 0)
-                .with_context(|| format!("inserting kernel rule {slot:?}"))?;
+                .insert(key(k), v, 0)
+                .with_context(|| format!("inserting kernel rule {k:?}"))?;
         }
         Ok(())
     }
 
+    /// Removes every entry of `generation` (whose contents are unknown).
     fn clear_generation(&mut self, generation: u32) -> Result<()> {
         fn clear<K: aya::Pod, V: aya::Pod>(
             map: &mut aya::maps::Map,
@@ -398,9 +458,14 @@ impl Enforcer {
             .ok_or_else(|| anyhow!("kernel object has no map {name}"))
     }
 
-    /// The generation the kernel programs currently read.
-    pub fn active_generation(&self) -> u32 {
-        self.active.unwrap_or(0)
+    /// The epoch of the policy the kernel programs currently read (`maps::control`).
+    pub fn epoch(&self) -> u16 {
+        self.epoch
+    }
+
+    /// The words every decision reads first.
+    pub fn state(&self) -> &StateMap {
+        &self.state
     }
 
     /// The ring buffer of decisions, for the alert pipeline (can be taken once).
@@ -412,27 +477,50 @@ impl Enforcer {
         Ok(RingBuf::try_from(map)?)
     }
 
-    /// Per-CPU counters summed over CPUs, indexed by `icmp_guard_common::maps::counter`.
+    /// Per-CPU counters summed over CPUs.
     pub fn counters(&mut self) -> Result<Counters> {
+        let decisions = self.decisions()?;
         let arr: PerCpuArray<&mut MapData, u64> =
             PerCpuArray::try_from(self.map(m::MAP_COUNTERS)?)?;
         let sum = |i: u32| -> Result<u64> { Ok(arr.get(&i, 0)?.iter().sum()) };
+        let total = |o: u32| decisions.values().map(|d| d[o as usize]).sum();
         Ok(Counters {
             ringbuf_full: sum(counter::RINGBUF_FULL)?,
-            blocked: sum(counter::BLOCKED)?,
-            audited: sum(counter::AUDITED)?,
-            decided: sum(counter::DECIDED)?,
+            blocked: total(outcome::BLOCKED),
+            audited: total(outcome::AUDITED),
+            decided: decisions.values().flatten().sum(),
             identity_errors: sum(counter::IDENTITY_ERRORS)?,
             suppress_lost: sum(counter::SUPPRESS_LOST)?,
             stage_errors: sum(counter::STAGE_ERRORS)?,
+            lease_lapsed: sum(counter::LEASE_LAPSED)?,
         })
     }
 
-    /// Alerts suppressed by the in-kernel rate limit, per workload, since the agent started.
-    pub fn suppressed(&mut self) -> Result<StdHashMap<u32, u64>> {
-        let h: PerCpuHashMap<&mut MapData, u32, u64> =
+    /// Decisions per class, summed over CPUs: `[allowed, audited, blocked]` (indexed by
+    /// `maps::outcome`). Classes never decided are left out.
+    pub fn decisions(&mut self) -> Result<BTreeMap<Class, [u64; 3]>> {
+        let arr: PerCpuArray<&mut MapData, u64> =
+            PerCpuArray::try_from(self.map(m::MAP_DECISIONS)?)?;
+        let mut out = BTreeMap::new();
+        for class in Class::ALL_MANAGED {
+            let mut row = [0u64; 3];
+            for (o, slot) in row.iter_mut().enumerate() {
+                let i = class as u32 * outcome::COUNT + o as u32;
+                *slot = arr.get(&i, 0)?.iter().sum();
+            }
+            if row != [0; 3] {
+                out.insert(class, row);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Alerts suppressed by the in-kernel rate limit since the agent started, per what they
+    /// would have said.
+    pub fn suppressed(&mut self) -> Result<BTreeMap<SuppressKey, u64>> {
+        let h: PerCpuHashMap<&mut MapData, SuppressKey, u64> =
             PerCpuHashMap::try_from(self.map(m::MAP_SUPPRESSED)?)?;
-        let mut out = StdHashMap::new();
+        let mut out = BTreeMap::new();
         for k in h.keys() {
             let k = k?;
             if let Ok(values) = h.get(&k, 0) {
@@ -441,6 +529,22 @@ impl Enforcer {
         }
         Ok(out)
     }
+}
+
+/// What brings a kernel map from `held` to `target`: the keys that went, then the entries that
+/// are new or changed.
+#[allow(clippy::type_complexity)]
+fn diff<'a, K: Ord, V: PartialEq + Copy>(
+    held: &'a BTreeMap<K, V>,
+    target: &'a BTreeMap<K, V>,
+) -> (Vec<&'a K>, Vec<(&'a K, V)>) {
+    let gone = held.keys().filter(|k| !target.contains_key(k)).collect();
+    let changed = target
+        .iter()
+        .filter(|(k, v)| held.get(k) != Some(v))
+        .map(|(k, v)| (k, *v))
+        .collect();
+    (gone, changed)
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -452,6 +556,7 @@ pub struct Counters {
     pub identity_errors: u64,
     pub suppress_lost: u64,
     pub stage_errors: u64,
+    pub lease_lapsed: u64,
 }
 
 /// Loads (without attaching) the LSM program: the only reliable test of whether this kernel
@@ -485,24 +590,34 @@ pub fn short_error(e: &ProgramError) -> String {
     }
 }
 
-/// Tracepoints are found through tracefs; mount it where the kernel expects it if nobody has.
-fn ensure_tracefs() {
-    let dir = Path::new("/sys/kernel/tracing");
-    if dir.join("events").exists() || Path::new("/sys/kernel/debug/tracing/events").exists() {
-        return;
-    }
-    let (src, fs, target) = (c"tracefs", c"tracefs", c"/sys/kernel/tracing");
-    // SAFETY: static C strings, no data argument.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            fs.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc == 0 {
-        info!("mounted tracefs on /sys/kernel/tracing to attach the socket tracepoint");
+#[cfg(test)]
+mod tests {
+    use aya_obj::ProgramSection;
+
+    /// The agent attaches nothing that runs for a syscall it does not decide: its object holds
+    /// the two socket hooks and their alert stages, and no tracepoint, kprobe or other
+    /// machine-wide program.
+    #[test]
+    fn the_object_holds_only_socket_hooks() {
+        let obj = aya_obj::Object::parse(super::OBJECT).expect("the embedded object parses");
+        let mut names: Vec<&str> = obj.programs.keys().map(String::as_str).collect();
+        names.sort();
+        for (name, p) in &obj.programs {
+            assert!(
+                matches!(
+                    p.section,
+                    ProgramSection::Lsm { .. } | ProgramSection::CgroupSock { .. }
+                ),
+                "{name} is a {:?} program",
+                p.section
+            );
+        }
+        let mut expected: Vec<&str> = super::LSM_PROGRAMS
+            .iter()
+            .chain(super::CGROUP_PROGRAMS.iter())
+            .copied()
+            .collect();
+        expected.sort();
+        assert_eq!(names, expected);
     }
 }

@@ -2,3 +2,4 @@
 //! offsets it hands the programs.
 pub mod enforcer;
 pub mod offsets;
+pub mod state;

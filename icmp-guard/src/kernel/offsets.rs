@@ -59,7 +59,65 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         // Renamed `__parent` when it became RCU-protected (6.14 and later).
         kernfs_node_parent: f("kernfs_node", "parent").or_else(|_| f("kernfs_node", "__parent"))?,
         kernfs_node_id: f("kernfs_node", "id")?,
+        task_stack: f("task_struct", "stack")?,
+        // x86_64: THREAD_SIZE_ORDER is 2, one more with KASAN's bigger stacks.
+        thread_size: if has_type(btf, "kasan_report") {
+            32768
+        } else {
+            16384
+        },
         valid: 1,
+        ..syscall_registers(btf)
+    })
+}
+
+/// Where the registers saved at syscall entry keep the syscall number and the first three
+/// arguments (x86_64's `struct pt_regs`). Left invalid, with a log line, where the names differ
+/// (other architectures): alerts then say the type flags are unknown.
+fn syscall_registers(btf: &Btf) -> KernelOffsets {
+    let f = |field: &str| member_offset(btf, "pt_regs", field);
+    let found = (|| -> Result<KernelOffsets> {
+        Ok(KernelOffsets {
+            pt_regs_size: struct_size(btf, "pt_regs")? as u32,
+            pt_regs_orig_ax: f("orig_ax")?,
+            pt_regs_arg1: f("di")?,
+            pt_regs_arg2: f("si")?,
+            pt_regs_arg3: f("dx")?,
+            syscall_regs: 1,
+            task_pt_regs_helper: has_helper(btf, "BPF_FUNC_task_pt_regs") as u32,
+            valid: 1,
+            ..KernelOffsets::default()
+        })
+    })();
+    found.unwrap_or_else(|e| {
+        log::warn!(
+            "the saved syscall registers cannot be located ({e:#}); alerts will show the socket \
+             type without SOCK_NONBLOCK/SOCK_CLOEXEC"
+        );
+        KernelOffsets {
+            valid: 1,
+            ..KernelOffsets::default()
+        }
+    })
+}
+
+fn has_type(btf: &Btf, name: &str) -> bool {
+    btf.resolve_ids_by_name(name)
+        .map(|ids| !ids.is_empty())
+        .unwrap_or(false)
+}
+
+/// Whether `enum bpf_func_id` of the running kernel names `helper`: the kernel has it.
+pub fn has_helper(btf: &Btf, helper: &str) -> bool {
+    let Ok(types) = btf.resolve_types_by_name("bpf_func_id") else {
+        return false;
+    };
+    types.iter().any(|t| match t {
+        Type::Enum(e) => e
+            .members
+            .iter()
+            .any(|m| btf.resolve_name(m).is_ok_and(|n| n == helper)),
+        _ => false,
     })
 }
 
