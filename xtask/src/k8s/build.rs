@@ -340,7 +340,8 @@ fn download_source(layout: &Layout) -> Result<()> {
 }
 
 /// `make WHAT=...` in GOPATH mode with CGO off (static binaries), logged to a file,
-/// with a progress line every 30 s. The Go build cache lives in the cache dir, so a
+/// with a progress line every 30 s. Kubernetes' scripts put Go's build cache in
+/// `_output/local/go/cache` inside the tree, which is in the cache dir too, so a
 /// rebuild after the binaries were deleted is much faster than a cold one.
 fn build_binaries(layout: &Layout) -> Result<()> {
     let tree = unpack_source(layout)?;
@@ -361,7 +362,6 @@ fn build_binaries(layout: &Layout) -> Result<()> {
         .arg(format!("WHAT={}", what.join(" ")))
         .current_dir(&workdir)
         .env("GOPATH", &gopath)
-        .env("GOCACHE", layout.root.join("go-cache"))
         .env("CGO_ENABLED", "0")
         // GOPATH mode: a go.mod-aware default would refuse the vendor tree.
         .env("GO111MODULE", "off")
@@ -381,12 +381,13 @@ fn build_binaries(layout: &Layout) -> Result<()> {
         let secs = t0.elapsed().as_secs();
         if last_progress.elapsed() >= Duration::from_secs(30) {
             last_progress = Instant::now();
-            eprintln!(
-                "k8s build: [{:>2}:{:02}] {}",
-                secs / 60,
-                secs % 60,
-                last_line(&log_path).unwrap_or_default()
-            );
+            // make says nothing while `go install` runs; the package Go's compiler
+            // works on is the better progress sign.
+            let what = go_compiling()
+                .map(|p| format!("compiling {p}"))
+                .or_else(|| last_line(&log_path))
+                .unwrap_or_default();
+            eprintln!("k8s build: [{:>2}:{:02}] {what}", secs / 60, secs % 60);
         }
     };
     if !status.success() {
@@ -415,6 +416,23 @@ fn build_binaries(layout: &Layout) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The package a Go `compile` process is building (`-p <package>`), if one runs.
+fn go_compiling() -> Option<String> {
+    for e in fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(cmdline) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let argv: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if !argv.first().is_some_and(|a| a.ends_with(b"/compile")) {
+            continue;
+        }
+        if let Some(w) = argv.windows(2).find(|w| w[0] == b"-p") {
+            return Some(String::from_utf8_lossy(w[1]).into_owned());
+        }
+    }
+    None
 }
 
 /// The last non-empty line of a growing log (only its last 4 KiB are read).

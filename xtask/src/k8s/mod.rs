@@ -4,8 +4,8 @@
 //! Where things live (never in the clone: CI clones afresh every run):
 //! - `<cache>/k8s/` (`<cache>` = `$ICMP_GUARD_CACHE` or `/var/cache/icmp-guard`):
 //!   `bin/` the six Kubernetes binaries, `images/` the pause and testbox OCI archives,
-//!   `src/` the Debian source package and its unpacked tree, `go-cache/` Go's build
-//!   cache, `apt/` a private apt state with a deb-src line, `logs/` build logs.
+//!   `src/` the Debian source package and its unpacked tree (with Go's build cache
+//!   in `_output/`), `apt/` a private apt state with a deb-src line, `logs/` build logs.
 //! - the state dir, `$ICMP_GUARD_K8S_STATE` or `<cache>/k8s/state`: everything a
 //!   running cluster writes (etcd data, containerd root and state, kubelet dir, CNI
 //!   IPAM, pki and tokens, kubeconfigs, component logs and pid files) and, in
