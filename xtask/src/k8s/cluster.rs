@@ -126,15 +126,34 @@ pub fn node_ready(layout: &Layout, node: &str) -> Option<(bool, i64)> {
     Some((status == "True", parse_rfc3339_utc(hb)?))
 }
 
+/// When the kubelet last renewed the node's Lease. With leases on (1.20's default)
+/// the Ready condition's heartbeat is only rewritten every 5 minutes when nothing
+/// changes; the lease is renewed every 10 s, so it says whether the kubelet is alive.
+pub fn lease_renewed(layout: &Layout, node: &str) -> Option<i64> {
+    let out = kubectl_output(
+        layout,
+        &[
+            "-n",
+            "kube-node-lease",
+            "get",
+            "lease",
+            node,
+            "-o",
+            "jsonpath={.spec.renewTime}",
+        ],
+    )?;
+    parse_rfc3339_utc(&out)
+}
+
 /// Up and usable: every component runs, the apiserver is ready, and the node is Ready
-/// with a heartbeat from the last minute.
+/// with its lease renewed in the last minute.
 pub fn healthy(layout: &Layout, node: &str) -> bool {
     COMPONENTS
         .iter()
         .all(|c| component_pid(layout, c).is_some())
         && apiserver_ready(layout)
-        && node_ready(layout, node)
-            .is_some_and(|(ready, hb)| ready && (now_secs() as i64 - hb) < 60)
+        && node_ready(layout, node).is_some_and(|(ready, _)| ready)
+        && lease_renewed(layout, node).is_some_and(|t| now_secs() as i64 - t < 60)
 }
 
 /// A `flock` on `<state>/lock`, held while start/stop/test change the cluster, so
@@ -271,6 +290,17 @@ pub fn start(layout: &Layout, fresh: bool) -> Result<Started> {
 /// Refuses to start over something that is not ours: a foreign cni0, or another
 /// cluster on our ports (e.g. one started by other scripts).
 fn preflight() -> Result<()> {
+    for dir in [
+        "/sys/fs/cgroup/unified/kubepods",
+        "/sys/fs/cgroup/memory/kubepods",
+    ] {
+        if Path::new(dir).exists() {
+            bail!(
+                "{dir} exists: another kubelet's pods (or a run that `cargo xtask k8s stop` \
+                 could not clean) are on this machine; stop that cluster first"
+            );
+        }
+    }
     if Path::new("/sys/class/net").join(CNI_BRIDGE).exists() {
         bail!(
             "the interface {CNI_BRIDGE} exists and the harness did not create it (another \
@@ -662,11 +692,14 @@ oom_score = 0
         runtime_type = "io.containerd.runc.v2"
         [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
           SystemdCgroup = false
+          # runc's state in the state dir, not /run/containerd/runc
+          Root = "{runc_root}"
 "#,
         root = layout.containerd_root().display(),
         state = layout.containerd_state().display(),
         sock = layout.containerd_sock().display(),
         opt = layout.containerd_dir().join("opt").display(),
+        runc_root = layout.containerd_dir().join("runc").display(),
         pause = super::PAUSE_IMAGE,
         cni = layout.cni_dir().display(),
     )
@@ -787,10 +820,12 @@ pub fn run_status() -> Result<()> {
     }
     println!("apiserver: ready (https://127.0.0.1:{APISERVER_PORT})");
     match node_ready(&layout, &node) {
-        Some((ready, hb)) => println!(
-            "node {node}: {} (heartbeat {} s ago)",
+        Some((ready, _)) => println!(
+            "node {node}: {} (lease renewed {} ago)",
             if ready { "Ready" } else { "NotReady" },
-            now_secs() as i64 - hb
+            lease_renewed(&layout, &node)
+                .map(|t| format!("{} s", now_secs() as i64 - t))
+                .unwrap_or_else(|| "never".into())
         ),
         None => println!("node {node}: not registered"),
     }

@@ -53,6 +53,9 @@ const SYSCTLS: &[&str] = &[
     "net.ipv4.ip_forward",
     "net.ipv4.conf.all.forwarding",
     "net.ipv4.conf.default.forwarding",
+    // the kernel clears it when forwarding is switched on and sets it when off;
+    // saved anyway, and written after ip_forward
+    "net.ipv4.conf.all.accept_redirects",
     "net.ipv4.conf.all.route_localnet",
     "net.bridge.bridge-nf-call-iptables",
     "net.bridge.bridge-nf-call-ip6tables",
@@ -69,6 +72,8 @@ const CREATED_PATHS: &[&str] = &[
     "/var/log/containers",
     "/run/netns",
     "/opt/containerd",
+    // libcni's result cache (containerd 1.6 has no setting for it)
+    "/var/lib/cni",
     "/var/lib/kubelet",
     "/etc/kubernetes",
 ];

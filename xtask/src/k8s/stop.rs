@@ -44,6 +44,9 @@ pub fn stop(layout: &Layout, purge: bool) -> Result<()> {
     for c in ["kube-proxy", "kubelet"] {
         kill_component(layout, c, &mut report);
     }
+    // Which network namespaces are our pods', asked before the containers that
+    // name them are deleted: other tools on the machine may have cni-* ones too.
+    let netns = our_netns(layout);
     remove_containers(layout, &mut report);
     for c in [
         "kube-scheduler",
@@ -59,11 +62,10 @@ pub fn stop(layout: &Layout, purge: bool) -> Result<()> {
     // say) would keep the cgroups and mounts busy.
     kill_kubepods_processes(&mut report);
 
-    unmount_under(
-        &[layout.state.clone(), PathBuf::from("/run/containerd")],
-        &mut report,
-    );
-    delete_cni_netns(&mut report);
+    // Our containerd mounts nothing outside the state dir (its runc root is in there
+    // too; only the shim sockets are in /run/containerd/s).
+    unmount_under(std::slice::from_ref(&layout.state), &mut report);
+    delete_netns(&netns, &mut report);
     host::remove_links(&mut report);
     remove_kubepods_cgroups(&mut report);
     // IPs handed out by host-local; the pods they belonged to are gone.
@@ -419,20 +421,61 @@ fn unmount_under(roots: &[PathBuf], report: &mut Vec<String>) {
     }
 }
 
-/// The network namespaces containerd's CRI made for pods (/run/netns/cni-<uuid>);
-/// deleting the last reference destroys the namespace and its veth pair with it.
-fn delete_cni_netns(report: &mut Vec<String>) {
-    let dir = Path::new("/run/netns");
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
+/// The names (in /run/netns) of our pods' network namespaces: those of the veths
+/// on our cni0 (works without containerd, after a crash) and those our sandboxes'
+/// specs name (also catches a pod whose CNI setup failed half-way).
+fn our_netns(layout: &Layout) -> Vec<String> {
+    let mut names = Vec::new();
+    if let Ok(out) = std::process::Command::new("ip")
+        .args(["-o", "link", "show", "master", super::CNI_BRIDGE])
+        .stderr(Stdio::null())
+        .output()
+    {
+        let text = String::from_utf8_lossy(&out.stdout);
+        for line in text.lines() {
+            let mut w = line.split_whitespace();
+            if w.any(|x| x == "link-netns")
+                && let Some(n) = w.next()
+            {
+                names.push(n.to_string());
+            }
+        }
+    }
+    if component_pid(layout, "containerd").is_some() {
+        for id in ctr_lines(layout, &["containers", "ls", "-q"]) {
+            let Ok(out) = ctr(layout).args(["containers", "info", &id]).output() else {
+                continue;
+            };
+            let Ok(info) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+                continue;
+            };
+            let nss = info["Spec"]["linux"]["namespaces"].as_array().cloned();
+            for ns in nss.unwrap_or_default() {
+                if ns["type"] == "network"
+                    && let Some(path) = ns["path"].as_str()
+                    && let Some(name) = path
+                        .strip_prefix("/var/run/netns/")
+                        .or_else(|| path.strip_prefix("/run/netns/"))
+                {
+                    names.push(name.to_string());
+                }
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Unmounts and removes the namespaces' files in /run/netns; with the last
+/// reference gone the namespace goes, and its veth pair with it.
+fn delete_netns(names: &[String], report: &mut Vec<String>) {
     let mut n = 0;
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("cni-") {
+    for name in names {
+        if name.contains('/') {
             continue;
         }
-        let path = e.path();
+        let path = Path::new("/run/netns").join(name);
         if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
             // SAFETY: umount2 with a valid C string; failure (not mounted) is fine.
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
