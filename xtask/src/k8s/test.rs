@@ -65,6 +65,14 @@ pub fn interrupted() -> bool {
     SIGNAL.load(Ordering::SeqCst) != 0
 }
 
+/// The command as one could paste it into a shell.
+fn shell_words(cmd: &[String]) -> String {
+    cmd.iter()
+        .map(|a| crate::vm::initramfs::sh_quote(a))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn exit_code(status: ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     status
@@ -126,7 +134,7 @@ pub fn run(args: TestArgs) -> Result<()> {
     if code != 0 {
         return Err(CommandExit {
             code,
-            message: format!("`{}` exited with {code}", args.cmd.join(" ")),
+            message: format!("`{}` exited with {code}", shell_words(&args.cmd)),
         }
         .into());
     }
@@ -137,7 +145,7 @@ pub fn run(args: TestArgs) -> Result<()> {
 /// passed on; we keep waiting until CMD is gone, whatever it does with them.
 fn run_command(layout: &Layout, node: &str, cmd: &[String]) -> Result<i32> {
     let env = cluster::test_env(layout, node);
-    eprintln!("k8s test: running `{}`", cmd.join(" "));
+    eprintln!("k8s test: running `{}`", shell_words(cmd));
     let mut child = Command::new(&cmd[0])
         .args(&cmd[1..])
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
