@@ -58,6 +58,11 @@ pub fn stop(layout: &Layout, purge: bool) -> Result<()> {
     }
     kill_shims(layout, &mut report);
     kill_component(layout, "containerd", &mut report);
+    if component_pid(layout, "containerd").is_none() {
+        let sock = layout.containerd_sock();
+        let _ = fs::remove_file(&sock);
+        let _ = fs::remove_file(sock.with_extension("sock.ttrpc"));
+    }
     // Anything still in a pod's cgroup (a shim was killed before its container,
     // say) would keep the cgroups and mounts busy.
     kill_kubepods_processes(&mut report);
@@ -83,6 +88,7 @@ pub fn stop(layout: &Layout, purge: bool) -> Result<()> {
             layout.etcd_data(),
             layout.containerd_root(),
             layout.containerd_state(),
+            layout.containerd_dir().join("runc"),
             layout.kubelet_dir(),
         ] {
             if d.exists() {
@@ -295,20 +301,21 @@ fn walk_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 fn kill_kubepods_processes(report: &mut Vec<String>) {
-    let mut killed = 0;
+    // The same process is listed in every hierarchy: collect, then kill once.
+    let mut pids = std::collections::BTreeSet::new();
     for top in kubepods_dirs() {
         let mut dirs = Vec::new();
         walk_dirs(&top, &mut dirs);
         for d in dirs {
             let procs = fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
-            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                // SAFETY: kill(2) on a process inside the cluster's pod cgroups.
-                if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
-                    killed += 1;
-                }
-            }
+            pids.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
         }
     }
+    let killed = pids
+        .iter()
+        // SAFETY: kill(2) on a process inside the cluster's pod cgroups.
+        .filter(|pid| unsafe { libc::kill(**pid, libc::SIGKILL) } == 0)
+        .count();
     if killed > 0 {
         report.push(format!(
             "killed {killed} process(es) left in kubepods cgroups"
