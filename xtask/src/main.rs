@@ -3,6 +3,8 @@
 
 mod bench_audit;
 mod bench_overhead;
+mod cache;
+mod k8s;
 mod vm;
 
 use std::process::ExitCode;
@@ -33,6 +35,8 @@ enum Cmd {
     /// What the agent costs: syscalls it never decides, socket() by class, BPF time per program,
     /// 10 vs 10,000 rules; without and with the agent, side by side in one run
     BenchOverhead(bench_overhead::BenchOverheadArgs),
+    /// Single-node Kubernetes test cluster: build, start, stop, status, kubectl, test
+    K8s(k8s::K8sArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,16 +47,19 @@ fn main() -> ExitCode {
         Cmd::VmTest(args) => vm::test::run(args),
         Cmd::BenchAudit(args) => bench_audit::run(args),
         Cmd::BenchOverhead(args) => bench_overhead::run(args),
+        Cmd::K8s(args) => k8s::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             // A command that failed inside the VM passes its own exit code on.
-            match e.downcast_ref::<vm::GuestExit>() {
-                Some(g) => {
-                    ExitCode::from(u8::try_from(g.code).ok().filter(|c| *c != 0).unwrap_or(1))
-                }
+            let code = e
+                .downcast_ref::<vm::GuestExit>()
+                .map(|g| g.code)
+                .or_else(|| e.downcast_ref::<k8s::CommandExit>().map(|c| c.code));
+            match code {
+                Some(c) => ExitCode::from(u8::try_from(c).ok().filter(|c| *c != 0).unwrap_or(1)),
                 None => ExitCode::FAILURE,
             }
         }

@@ -552,7 +552,7 @@ fn is_elf(path: &Path) -> Result<bool> {
 
 /// The shared objects `ldd` lists for `elf` (including the dynamic loader); empty
 /// for static binaries.
-fn ldd(elf: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn ldd(elf: &Path) -> Result<Vec<PathBuf>> {
     let out = Command::new("ldd")
         .arg(elf)
         .env("LC_ALL", "C")
