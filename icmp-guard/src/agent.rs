@@ -1,13 +1,15 @@
 //! `icmp-guard run`: start the enforcer, apply the policy, stream alerts, keep the policy fresh.
+//!
+//! The data path, stage by stage: the sources ([`reconcile`] gathers them and compiles) → the
+//! kernel (the enforcer's maps) → the ring buffer of decisions → alerts → the outputs.
+
+pub mod reconcile;
 
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, SystemTime},
+    sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, anyhow};
@@ -16,19 +18,15 @@ use log::{error, info, warn};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
-    compile::{self, Compiled, Postures, identity::Resolver},
     events::alert,
     kernel::{
         enforcer::{Counters, Enforcer, EnforcerChoice, Options},
         offsets as kernel_offsets,
     },
     outputs::{Outputs, jsonl::JsonLines},
-    sources::{
-        config::AgentConfig,
-        policy::{self, Action, PolicySet},
-        workload::{self, Workload},
-    },
+    sources::{config::AgentConfig, kubernetes::KubernetesArgs, workload},
 };
+use reconcile::{Environment, PolicySource, Reconciler};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -58,64 +56,12 @@ pub struct RunArgs {
     /// every process). Ignored by the LSM enforcer, which sees the whole machine.
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
-    /// How often policy files and fromSource paths are checked for changes, in milliseconds.
+    /// How often policy files, fromSource paths and pod containers are checked for changes,
+    /// in milliseconds (changes the agent is told of apply at once).
     #[arg(long, default_value_t = 250)]
     pub refresh_ms: u64,
-}
-
-/// Everything a policy compilation needs besides the policies themselves.
-struct Environment {
-    workloads: Vec<Workload>,
-    node_labels: BTreeMap<String, String>,
-    postures: Postures,
-    alerts_per_sec: u32,
-    audit_only: bool,
-}
-
-/// Where policies come from, and how to tell whether they changed.
-enum PolicySource {
-    Embedded,
-    Path(PathBuf),
-}
-
-impl PolicySource {
-    fn load(&self) -> Result<PolicySet> {
-        match self {
-            PolicySource::Embedded => Ok(policy::default::policy_set()),
-            PolicySource::Path(p) => {
-                let loaded = policy::kubearmor::load(p)
-                    .map_err(|e| anyhow!("{e}\nfix the policy files above; nothing was applied"))?;
-                for w in &loaded.warnings {
-                    warn!("{w}");
-                }
-                Ok(loaded.set)
-            }
-        }
-    }
-
-    /// (path, modified, len) of every policy file: a cheap change detector.
-    fn fingerprint(&self) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
-        let PolicySource::Path(root) = self else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        let mut stack = vec![root.clone()];
-        while let Some(p) = stack.pop() {
-            let Ok(meta) = std::fs::metadata(&p) else {
-                out.push((p, None, 0));
-                continue;
-            };
-            if meta.is_dir() {
-                if let Ok(rd) = std::fs::read_dir(&p) {
-                    stack.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()));
-                }
-            } else {
-                out.push((p, meta.modified().ok(), meta.len()));
-            }
-        }
-        out.sort();
-        out
-    }
+    #[command(flatten)]
+    pub kubernetes: KubernetesArgs,
 }
 
 /// How the agent's log line announcing that it enforces begins. Whatever starts an agent and
@@ -185,102 +131,7 @@ pub fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
-fn environment(config: &AgentConfig, mode: Mode) -> Result<Environment> {
-    let mount = workload::cgroup2_mount()?;
-    let mut workloads = Vec::new();
-    for (i, spec) in config.workloads.iter().enumerate() {
-        let path = workload::cgroup_path(&mount, &spec.cgroup)
-            .with_context(|| format!("workload {} ({})", spec.name, spec.origin))?;
-        let cgroup_id = workload::ensure_cgroup(&path)
-            .with_context(|| format!("workload {} ({})", spec.name, spec.origin))?;
-        workloads.push(Workload {
-            id: i as u32 + 1,
-            name: spec.name.clone(),
-            namespace: spec.namespace.clone(),
-            labels: spec.labels.clone(),
-            pod: spec.pod.clone(),
-            container: spec.container.clone(),
-            cgroup: path,
-            cgroup_id,
-        });
-    }
-    let mut node_labels = config.node_labels.clone();
-    node_labels
-        .entry("kubernetes.io/hostname".into())
-        .or_insert_with(|| config.host_name.clone().unwrap_or_else(hostname));
-    node_labels
-        .entry("kubernetes.io/os".into())
-        .or_insert_with(|| "linux".into());
-    let to_action = |p: crate::sources::config::Posture| match p {
-        crate::sources::config::Posture::Block => Action::Block,
-        crate::sources::config::Posture::Audit => Action::Audit,
-    };
-    Ok(Environment {
-        workloads,
-        node_labels,
-        postures: Postures {
-            workloads: to_action(config.default_posture),
-            host: to_action(config.host_default_posture),
-            namespaces: config
-                .namespace_postures
-                .iter()
-                .map(|(k, v)| (k.clone(), to_action(*v)))
-                .collect(),
-            scope: match config.posture_scope {
-                crate::sources::config::PostureScope::Protocol => compile::PostureScope::Protocol,
-                crate::sources::config::PostureScope::Workload => compile::PostureScope::Workload,
-            },
-        },
-        alerts_per_sec: config.alerts_per_second,
-        audit_only: mode == Mode::Audit,
-    })
-}
-
-fn compile_with(set: &PolicySet, env: &Environment) -> Result<Compiled> {
-    let resolver = Resolver::host()?;
-    compile::compile(
-        &compile::Input {
-            policies: set,
-            workloads: &env.workloads,
-            node_labels: &env.node_labels,
-            postures: &env.postures,
-            audit_only: env.audit_only,
-            alerts_per_sec: env.alerts_per_sec,
-        },
-        &resolver,
-    )
-}
-
-fn report_unresolved(c: &Compiled, embedded: bool) {
-    for u in &c.unresolved {
-        if embedded {
-            // The default lists every usual install location; most are absent on any one node.
-            log::debug!(
-                "default policy: {} not present ({})",
-                u.path.display(),
-                u.error
-            );
-        } else {
-            warn!(
-                "{}: fromSource {} does not resolve ({}); no process can be running it now, and \
-                 the rule applies as soon as it appears",
-                u.origin,
-                u.path.display(),
-                u.error
-            );
-        }
-    }
-}
-
-/// The identities of every source path, to notice a replaced binary (package upgrade).
-fn source_identities(c: &Compiled) -> Vec<Option<crate::compile::identity::ExecutableId>> {
-    let Ok(r) = Resolver::host() else {
-        return Vec::new();
-    };
-    c.sources.iter().map(|p| r.resolve(p).ok()).collect()
-}
-
-struct Shared {
+pub(crate) struct Shared {
     enforcer: Mutex<Enforcer>,
     context: std::sync::RwLock<alert::Context>,
     limit: u32,
@@ -292,86 +143,89 @@ pub fn run(args: RunArgs) -> Result<()> {
         Some(p) => crate::sources::config::load(p).map_err(|e| anyhow!("{e}"))?,
         None => AgentConfig::default(),
     };
-    let env = environment(&config, args.mode)?;
+    let env = Environment::from_config(&config, args.mode)?;
     let source = match &args.policy {
         Some(p) => PolicySource::Path(p.clone()),
         None => PolicySource::Embedded,
     };
-    let set = source.load()?;
-    let compiled = compile_with(&set, &env)?;
-    report_unresolved(&compiled, matches!(source, PolicySource::Embedded));
-
-    let offsets = kernel_offsets::from_running_kernel()?;
-    let cgroup = match &args.cgroup {
-        Some(c) => c.clone(),
-        None => workload::cgroup2_mount()?,
-    };
-    let mut enforcer = Enforcer::start(
-        &Options {
-            choice: args.enforcer,
-            cgroup: &cgroup,
-        },
-        &offsets,
-    )?;
-    enforcer.apply(&compiled)?;
-    let epoch = enforcer.epoch();
-    info!(
-        "{READY} the {} enforcer{}: {} policies, {} kernel rules, {} workloads, mode {:?}",
-        enforcer.kind.name(),
-        enforcer
-            .attached_cgroup
-            .as_ref()
-            .map(|c| format!(" on cgroup {}", c.display()))
-            .unwrap_or_default(),
-        set.policies.len(),
-        compiled.rules.len(),
-        env.workloads.len(),
-        args.mode,
-    );
-    for blind in enforcer.kind.blind_spots() {
-        warn!(
-            "blind spot of the {} enforcer: {blind}",
-            enforcer.kind.name()
-        );
-    }
-    if let Some(attached) = &enforcer.attached_cgroup
-        && Some(attached) != workload::cgroup2_mount().ok().as_ref()
-    {
-        warn!(
-            "blind spot of the cgroup enforcer: processes outside {} are not covered",
-            attached.display()
-        );
-    }
-    let events = enforcer.take_events()?;
-    let mut rules = alert::RuleTables::default();
-    rules.insert(epoch, Arc::new(compiled.rules_info.clone()));
-    let shared = Arc::new(Shared {
-        context: std::sync::RwLock::new(alert::Context {
-            cluster_name: config.cluster_name.clone(),
-            host_name: config.host_name.clone().unwrap_or_else(hostname),
-            enforcer: enforcer.kind,
-            boot_to_unix_ns: alert::boot_to_unix_ns(),
-            workloads: env.workloads.iter().map(|w| (w.id, w.clone())).collect(),
-            rules,
-            executables: Default::default(),
-        }),
-        enforcer: Mutex::new(enforcer),
-        limit: env.alerts_per_sec,
-    });
-
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(async {
+    rt.block_on(async move {
+        let mut reconciler = Reconciler::new(source, env, &args.kubernetes).await?;
+        reconciler.wait_for_cluster(Duration::from_secs(30)).await;
+        let desired = reconciler.desired().await;
+        let compiled = reconciler.compile(&desired)?;
+        reconcile::report_unresolved(&compiled, reconciler.embedded());
+
+        let offsets = kernel_offsets::from_running_kernel()?;
+        let cgroup = match &args.cgroup {
+            Some(c) => c.clone(),
+            None => workload::cgroup2_mount()?,
+        };
+        let mut enforcer = Enforcer::start(
+            &Options {
+                choice: args.enforcer,
+                cgroup: &cgroup,
+            },
+            &offsets,
+        )?;
+        enforcer.apply(&compiled)?;
+        let epoch = enforcer.epoch();
+        info!(
+            "{READY} the {} enforcer{}: {} policies, {} kernel rules, {} workloads, mode {:?}",
+            enforcer.kind.name(),
+            enforcer
+                .attached_cgroup
+                .as_ref()
+                .map(|c| format!(" on cgroup {}", c.display()))
+                .unwrap_or_default(),
+            desired.set.policies.len(),
+            compiled.rules.len(),
+            desired.workloads.len(),
+            args.mode,
+        );
+        for blind in enforcer.kind.blind_spots() {
+            warn!(
+                "blind spot of the {} enforcer: {blind}",
+                enforcer.kind.name()
+            );
+        }
+        if let Some(attached) = &enforcer.attached_cgroup
+            && Some(attached) != workload::cgroup2_mount().ok().as_ref()
+        {
+            warn!(
+                "blind spot of the cgroup enforcer: processes outside {} are not covered",
+                attached.display()
+            );
+        }
+        let events = enforcer.take_events()?;
+        let mut rules = alert::RuleTables::default();
+        rules.insert(epoch, Arc::new(compiled.rules_info.clone()));
+        let mut context = alert::Context {
+            cluster_name: config.cluster_name.clone(),
+            host_name: config.host_name.clone().unwrap_or_else(hostname),
+            enforcer: enforcer.kind,
+            boot_to_unix_ns: alert::boot_to_unix_ns(),
+            workloads: BTreeMap::new(),
+            gone: Default::default(),
+            rules,
+            executables: Default::default(),
+        };
+        context.set_workloads(&desired.workloads);
+        let shared = Arc::new(Shared {
+            context: std::sync::RwLock::new(context),
+            enforcer: Mutex::new(enforcer),
+            limit: reconciler.alerts_per_sec(),
+        });
+        reconciler.applied(compiled, desired.workloads);
         let outputs = Outputs::new(JsonLines::open(&args.output)?);
         serve(
             shared,
             events,
             Arc::new(outputs),
-            source,
-            env,
-            compiled,
+            reconciler,
             args.refresh_ms,
         )
         .await
@@ -382,9 +236,7 @@ async fn serve(
     shared: Arc<Shared>,
     events: aya::maps::RingBuf<aya::maps::MapData>,
     outputs: Arc<Outputs>,
-    source: PolicySource,
-    env: Environment,
-    compiled: Compiled,
+    reconciler: Reconciler,
     refresh_ms: u64,
 ) -> Result<()> {
     let mut reader = {
@@ -432,21 +284,11 @@ async fn serve(
         })
     };
 
-    let refresher = {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let mut state = RefreshState {
-                fingerprint: source.fingerprint(),
-                identities: source_identities(&compiled),
-                compiled,
-            };
-            let mut tick = tokio::time::interval(Duration::from_millis(refresh_ms.max(50)));
-            loop {
-                tick.tick().await;
-                refresh(&shared, &source, &env, &mut state).await;
-            }
-        })
-    };
+    let refresher = tokio::spawn(reconcile::run(
+        reconciler,
+        shared.clone(),
+        Duration::from_millis(refresh_ms.max(50)),
+    ));
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
@@ -565,84 +407,3 @@ async fn announce_losses(shared: &Shared, outputs: &Outputs, seen: &mut Losses) 
         outputs.announce(e).await;
     }
 }
-
-struct RefreshState {
-    fingerprint: Vec<(PathBuf, Option<SystemTime>, u64)>,
-    identities: Vec<Option<crate::compile::identity::ExecutableId>>,
-    compiled: Compiled,
-}
-
-/// Hot reload and source tracking in one place: a changed policy file or a replaced binary both
-/// lead to a full recompilation, validated before anything is applied.
-async fn refresh(
-    shared: &Arc<Shared>,
-    source: &PolicySource,
-    env: &Environment,
-    st: &mut RefreshState,
-) {
-    let fingerprint = source.fingerprint();
-    let identities = source_identities(&st.compiled);
-    let policy_changed = fingerprint != st.fingerprint;
-    let sources_changed = identities != st.identities;
-    if !policy_changed && !sources_changed {
-        return;
-    }
-    st.fingerprint = fingerprint;
-    let set = match source.load() {
-        Ok(s) => s,
-        Err(e) => {
-            error!("policy reload refused, the previous policy stays in force:\n{e:#}");
-            RELOADS_REFUSED.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-    };
-    let compiled = match compile_with(&set, env) {
-        Ok(c) => c,
-        Err(e) => {
-            error!("policy reload refused, the previous policy stays in force: {e:#}");
-            RELOADS_REFUSED.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-    };
-    report_unresolved(&compiled, matches!(source, PolicySource::Embedded));
-    let shared2 = shared.clone();
-    let c2 = compiled.clone();
-    let applied = tokio::task::spawn_blocking(move || -> Result<u16> {
-        let mut e = shared2.enforcer.lock().expect("enforcer lock");
-        // The rule table goes in first: an alert of the new epoch may be read at once.
-        let next = e.epoch().wrapping_add(1);
-        shared2
-            .context
-            .write()
-            .expect("context lock")
-            .rules
-            .insert(next, Arc::new(c2.rules_info.clone()));
-        e.apply(&c2)?;
-        Ok(e.epoch())
-    })
-    .await;
-    match applied {
-        Ok(Ok(g)) => {
-            let n = RELOADS.fetch_add(1, Ordering::Relaxed) + 1;
-            info!(
-                "policy {} applied as update {g} (reload #{n}): {} kernel rules",
-                if policy_changed {
-                    "change"
-                } else {
-                    "refresh after a fromSource binary changed"
-                },
-                compiled.rules.len()
-            );
-            st.identities = source_identities(&compiled);
-            st.compiled = compiled;
-        }
-        Ok(Err(e)) => {
-            RELOADS_REFUSED.fetch_add(1, Ordering::Relaxed);
-            error!("{e:#}");
-        }
-        Err(e) => error!("policy apply task failed: {e}"),
-    }
-}
-
-static RELOADS: AtomicU64 = AtomicU64::new(0);
-static RELOADS_REFUSED: AtomicU64 = AtomicU64::new(0);

@@ -46,6 +46,15 @@ impl Resolver {
         Self::new(Path::new("/"), Path::new("/proc/self/mountinfo"))
     }
 
+    /// Paths as the process `pid` sees them: through its root, with the devices of its mount
+    /// namespace (a container's overlay has a device of its own).
+    pub fn of_process(pid: u32) -> Result<Self> {
+        Self::new(
+            Path::new(&format!("/proc/{pid}/root")),
+            Path::new(&format!("/proc/{pid}/mountinfo")),
+        )
+    }
+
     pub fn new(root: &Path, mountinfo: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(mountinfo)
             .with_context(|| format!("reading {}", mountinfo.display()))?;

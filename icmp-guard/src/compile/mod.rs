@@ -7,7 +7,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, btree_map::Entry},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use anyhow::{Result, bail};
@@ -22,7 +22,7 @@ pub mod identity;
 
 use crate::sources::{
     policy::{Action, LabelOperator, Origin, Policy, PolicySet, Selector, Target},
-    workload::Workload,
+    workload::{PENDING_PODS, Root, Workload},
 };
 use identity::{ExecutableId, Resolver};
 
@@ -151,34 +151,48 @@ pub fn compile(input: &Input, resolver: &Resolver) -> Result<Compiled> {
         bail!("too many workload cgroups for the kernel maps");
     }
 
-    let mut resolved: BTreeMap<PathBuf, Option<ExecutableId>> = BTreeMap::new();
-    let mut resolve = |path: &PathBuf, origin: &Origin, out: &mut Compiled| {
-        out.sources.insert(path.clone());
-        *resolved
-            .entry(path.clone())
-            .or_insert_with(|| match resolver.resolve(path) {
-                Ok(id) => Some(id),
-                Err(e) => {
-                    out.unresolved.push(Unresolved {
-                        path: path.clone(),
-                        origin: origin.clone(),
-                        error: e.to_string(),
-                    });
-                    None
-                }
-            })
+    let mut paths = Paths {
+        host: resolver,
+        host_cache: BTreeMap::new(),
+        containers: BTreeMap::new(),
     };
+    // One rule table entry per rule of a policy, whichever workloads it applies to.
+    let mut rule_index: BTreeMap<(usize, usize), u32> = BTreeMap::new();
 
     // The host is workload 0; declared workloads follow.
     let mut targets: Vec<(u32, Option<&Workload>)> = vec![(HOST_WORKLOAD, None)];
     targets.extend(input.workloads.iter().map(|w| (w.id, Some(w))));
 
     for (wid, workload) in targets {
-        let selected: Vec<&Policy> = input
+        if wid == PENDING_PODS {
+            // Pods not known yet: the default posture for every class a pod policy names.
+            let classes = input
+                .policies
+                .policies
+                .iter()
+                .filter(|p| matches!(p.target, Target::Workloads(_)))
+                .flat_map(|p| &p.rules)
+                .flat_map(|r| &r.classes)
+                .fold(0u16, |m, c| m | c.bit());
+            if classes != 0 {
+                out.workloads.insert(
+                    wid,
+                    WorkloadPolicy {
+                        rule_classes: 0,
+                        posture_classes: classes,
+                        posture_action: input.postures.workloads as u8,
+                        _pad: [0; 3],
+                    },
+                );
+            }
+            continue;
+        }
+        let selected: Vec<(usize, &Policy)> = input
             .policies
             .policies
             .iter()
-            .filter(|p| selects(p, workload, input.node_labels))
+            .enumerate()
+            .filter(|(_, p)| selects(p, workload, input.node_labels))
             .collect();
         if selected.is_empty() {
             // No policy at all: no decisions and no events for this workload.
@@ -186,28 +200,30 @@ pub fn compile(input: &Input, resolver: &Resolver) -> Result<Compiled> {
         }
         let mut allow_classes: u16 = 0;
         let mut rule_classes: u16 = 0;
-        for policy in selected {
-            for rule in &policy.rules {
-                let info = RuleInfo {
-                    policy: policy.name.clone(),
-                    namespace: policy.namespace.clone(),
-                    host: matches!(policy.target, Target::Host { .. }),
-                    protocol: rule.protocol.clone(),
-                    action: rule.action,
-                    severity: rule.severity,
-                    tags: rule.tags.clone(),
-                    message: rule.message.clone(),
-                    origin: rule.origin.clone(),
-                };
-                let index = out.rules_info.len() as u32;
-                out.rules_info.push(info);
+        for (pi, policy) in selected {
+            for (ri, rule) in policy.rules.iter().enumerate() {
+                let index = *rule_index.entry((pi, ri)).or_insert_with(|| {
+                    out.rules_info.push(RuleInfo {
+                        policy: policy.name.clone(),
+                        namespace: policy.namespace.clone(),
+                        host: matches!(policy.target, Target::Host { .. }),
+                        protocol: rule.protocol.clone(),
+                        action: rule.action,
+                        severity: rule.severity,
+                        tags: rule.tags.clone(),
+                        message: rule.message.clone(),
+                        origin: rule.origin.clone(),
+                    });
+                    out.rules_info.len() as u32 - 1
+                });
                 let exes: Vec<Option<ExecutableId>> = if rule.sources.is_empty() {
                     vec![None]
                 } else {
-                    rule.sources
-                        .iter()
-                        .filter_map(|s| resolve(s, &rule.origin, &mut out).map(Some))
-                        .collect()
+                    let mut ids = BTreeSet::new();
+                    for source in &rule.sources {
+                        ids.extend(paths.identities(workload, source, &rule.origin, &mut out));
+                    }
+                    ids.into_iter().map(Some).collect()
                 };
                 for &class in &rule.classes {
                     if rule.action == Action::Allow {
@@ -274,6 +290,65 @@ pub fn compile(input: &Input, resolver: &Resolver) -> Result<Compiled> {
         );
     }
     Ok(out)
+}
+
+/// Paths already resolved through one root (`None`: no such file there).
+type Resolved = BTreeMap<PathBuf, Option<ExecutableId>>;
+
+/// Resolves `fromSource` paths where each workload's processes see them: the host's root for
+/// the host and declared workloads, each running container's own root for a pod.
+struct Paths<'r> {
+    host: &'r Resolver,
+    host_cache: Resolved,
+    /// By the pid the container's root is reached through; `None` when that process is gone.
+    containers: BTreeMap<u32, Option<(Resolver, Resolved)>>,
+}
+
+impl Paths<'_> {
+    fn identities(
+        &mut self,
+        workload: Option<&Workload>,
+        path: &Path,
+        origin: &Origin,
+        out: &mut Compiled,
+    ) -> Vec<ExecutableId> {
+        match workload.map(|w| &w.root) {
+            None | Some(Root::Host) => {
+                out.sources.insert(path.to_path_buf());
+                let host = self.host;
+                let id = *self
+                    .host_cache
+                    .entry(path.to_path_buf())
+                    .or_insert_with(|| match host.resolve(path) {
+                        Ok(id) => Some(id),
+                        Err(e) => {
+                            out.unresolved.push(Unresolved {
+                                path: path.to_path_buf(),
+                                origin: origin.clone(),
+                                error: e.to_string(),
+                            });
+                            None
+                        }
+                    });
+                id.into_iter().collect()
+            }
+            // A container without the file (or still being set up) allows nothing through it:
+            // that is the image's content, not an operator's mistake, so it is not reported.
+            Some(Root::Containers(containers)) => containers
+                .iter()
+                .filter_map(|c| c.root_pid)
+                .filter_map(|pid| {
+                    let entry = self.containers.entry(pid).or_insert_with(|| {
+                        Resolver::of_process(pid).ok().map(|r| (r, BTreeMap::new()))
+                    });
+                    let (resolver, cache) = entry.as_mut()?;
+                    *cache
+                        .entry(path.to_path_buf())
+                        .or_insert_with(|| resolver.resolve(path).ok())
+                })
+                .collect(),
+        }
+    }
 }
 
 fn selects(
@@ -355,6 +430,8 @@ mod tests {
             container: None,
             cgroup: PathBuf::from("/sys/fs/cgroup/nginx"),
             cgroup_id: 4242,
+            owner: None,
+            root: Root::Host,
         }
     }
 

@@ -15,7 +15,11 @@ use icmp_guard_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{compile::RuleInfo, kernel::enforcer::EnforcerKind, sources::workload::Workload};
+use crate::{
+    compile::RuleInfo,
+    kernel::enforcer::EnforcerKind,
+    sources::workload::{PENDING_PODS, Workload},
+};
 
 fn is_zero(v: &i32) -> bool {
     *v == 0
@@ -117,6 +121,9 @@ pub struct Context {
     /// `CLOCK_REALTIME - CLOCK_BOOTTIME` in nanoseconds, to place boot-time stamps on the wall.
     pub boot_to_unix_ns: i128,
     pub workloads: BTreeMap<u32, Workload>,
+    /// Workloads that went away, most recent last: an alert decided before a pod was deleted may
+    /// be read after, and still names it. Ids are never reused.
+    pub gone: std::collections::VecDeque<u32>,
     /// Rule tables of the last policy updates, by epoch.
     pub rules: RuleTables,
     /// Executable paths seen in alerts, by identity: what a suppression summary names.
@@ -320,6 +327,14 @@ impl Context {
 
         if ev.workload == HOST_WORKLOAD {
             a.kind = "MatchedHostPolicy".into();
+        } else if ev.workload == PENDING_PODS {
+            a.kind = "MatchedPolicy".into();
+            a.event_data.insert(
+                "Workload".into(),
+                "a pod not yet known to icmp-guard: the default posture applies to every class \
+                 a KubeArmorPolicy names until it is"
+                    .into(),
+            );
         } else {
             a.kind = "MatchedPolicy".into();
             if let Some(w) = self.workloads.get(&ev.workload) {
@@ -327,6 +342,19 @@ impl Context {
                 a.labels = w.labels_string();
                 a.pod_name = w.pod.clone().unwrap_or_default();
                 a.container_name = w.container.clone().unwrap_or_default();
+                a.owner = w.owner.as_ref().map(|o| Owner {
+                    reference: o.kind.clone(),
+                    name: o.name.clone(),
+                    namespace: o.namespace.clone(),
+                });
+                // The caller's own cgroup is its container's.
+                if let Some(c) = w.container(ev.cgroup_id) {
+                    a.container_id = c.id.clone();
+                    if let Some(name) = &c.name {
+                        a.container_name = name.clone();
+                    }
+                    a.container_image = c.image.clone().unwrap_or_default();
+                }
             }
         }
         if ev.rule == RULE_POSTURE {
@@ -387,6 +415,28 @@ impl Context {
         }
         a
     }
+
+    /// The workloads now in force; the ones that went stay known for late alerts (at most
+    /// [`Self::GONE_KEPT`]).
+    pub fn set_workloads(&mut self, workloads: &[Workload]) {
+        let now: BTreeMap<u32, Workload> = workloads.iter().map(|w| (w.id, w.clone())).collect();
+        for id in self.workloads.keys() {
+            if !now.contains_key(id) && !self.gone.contains(id) {
+                self.gone.push_back(*id);
+            }
+        }
+        let mut kept = std::mem::take(&mut self.workloads);
+        while self.gone.len() > Self::GONE_KEPT {
+            if let Some(id) = self.gone.pop_front() {
+                kept.remove(&id);
+            }
+        }
+        kept.retain(|id, _| self.gone.contains(id));
+        kept.extend(now);
+        self.workloads = kept;
+    }
+
+    const GONE_KEPT: usize = 256;
 
     fn rule(&self, epoch: u16, index: u32) -> Option<&RuleInfo> {
         self.rules.get(epoch)?.get(index as usize)

@@ -1,5 +1,8 @@
-//! Sources of truth: KubeArmor policy files (and the embedded default), the agent config, and
-//! the workloads policies select.
+//! Sources of truth: KubeArmor policy files (and the embedded default), the agent config, the
+//! Kubernetes API (pods, namespaces, this node, policy custom resources), the containers running
+//! on this node, and the workloads policies select.
 pub mod config;
+pub mod containers;
+pub mod kubernetes;
 pub mod policy;
 pub mod workload;

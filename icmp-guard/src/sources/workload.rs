@@ -1,8 +1,9 @@
 //! Workloads: a cgroup with labels and a namespace.
 //!
-//! Today the agent's config file declares them; pods will become workloads once the Kubernetes
-//! API is watched, with the same shape. A process in a child cgroup of a workload belongs to that
-//! workload: the kernel programs search the caller's cgroup ancestors.
+//! The agent's config file declares some; every pod on the node is one, from the Kubernetes API.
+//! A process in a child cgroup of a workload belongs to that workload: the kernel programs search
+//! the caller's cgroup ancestors. A pod's containers are its child cgroups, each with a root
+//! filesystem of its own in which the policies' `fromSource` paths are resolved.
 
 use std::{
     collections::BTreeMap,
@@ -11,6 +12,12 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+
+/// Id of the workload that stands for pods whose cgroup exists but that the agent does not know
+/// yet: the `kubepods` cgroup itself. Until a pod is known, its processes get the default
+/// posture for every class a `KubeArmorPolicy` names, so that no container's first socket
+/// escapes the policy that will select it.
+pub const PENDING_PODS: u32 = u32::MAX - 1;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
@@ -25,9 +32,53 @@ pub struct Workload {
     pub cgroup: PathBuf,
     /// cgroup v2 id: the inode number of the cgroup directory.
     pub cgroup_id: u64,
+    /// The controller an operator names (a pod's Deployment, …).
+    pub owner: Option<Owner>,
+    /// Where its processes' executables are: the host's root (declared workloads) or each of
+    /// its containers' own root (pods).
+    pub root: Root,
+}
+
+/// KubeArmor's `Owner` of a pod: the top controller (`Ref` is its kind), or the pod itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub kind: String,
+    pub name: String,
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Root {
+    /// The host's file system (as the agent resolves it).
+    Host,
+    /// A pod: its running containers, each with its own root.
+    Containers(Vec<Container>),
+}
+
+/// A running container of a pod workload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Container {
+    /// The runtime's id, 64 hex digits.
+    pub id: String,
+    /// The name and image from the pod's status, once the status reports this container.
+    pub name: Option<String>,
+    pub image: Option<String>,
+    /// The container's own cgroup: what the kernel reports as the caller's cgroup.
+    pub cgroup_id: u64,
+    /// A process whose root is the container's root, to resolve paths through; `None` while
+    /// the runtime is still setting the container up (its sources then allow nothing yet).
+    pub root_pid: Option<u32>,
 }
 
 impl Workload {
+    /// The container of this workload whose cgroup is `cgroup_id`.
+    pub fn container(&self, cgroup_id: u64) -> Option<&Container> {
+        match &self.root {
+            Root::Containers(cs) => cs.iter().find(|c| c.cgroup_id == cgroup_id),
+            Root::Host => None,
+        }
+    }
+
     /// `k=v,k=v`, sorted, as in KubeArmor's `Labels`.
     pub fn labels_string(&self) -> String {
         self.labels

@@ -1,0 +1,713 @@
+//! What the agent enforces, rebuilt from its sources whenever one of them changes: policy files
+//! (or the embedded default), the agent config, and with Kubernetes the pods on this node, their
+//! containers, the namespaces' postures, this node's labels and the policy custom resources.
+//!
+//! Every change goes the same way: gather the desired state, compile it completely, and apply it
+//! atomically only if it differs from what the kernel holds. A source that cannot be read (a
+//! broken policy file, an invalid custom resource, an unreachable API server) changes nothing:
+//! the last valid state of that source stays in force.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use log::{debug, error, info, warn};
+use tokio::sync::{Notify, mpsc};
+
+use super::{Mode, Shared, hostname};
+use crate::{
+    compile::{
+        self, Compiled, Postures,
+        identity::{ExecutableId, Resolver},
+    },
+    sources::{
+        config::{AgentConfig, PostureScope},
+        containers::{self, CgroupDriver},
+        kubernetes::{
+            self, Cluster,
+            pods::{Owners, PodInfo},
+            policies::{self, ApiPolicies},
+        },
+        policy::{self, Action, PolicySet, Target},
+        workload::{self, Owner, Root, Workload},
+    },
+};
+
+pub static RELOADS: AtomicU64 = AtomicU64::new(0);
+pub static RELOADS_REFUSED: AtomicU64 = AtomicU64::new(0);
+
+/// Name of the workload that stands for pods whose cgroup exists but that the agent does not
+/// know yet (see [`Reconciler::pending_pods`]).
+pub const PENDING_POD: &str = "pending pod";
+
+/// Where policies come from, and how to tell whether they changed.
+pub enum PolicySource {
+    Embedded,
+    Path(PathBuf),
+}
+
+impl PolicySource {
+    pub fn load(&self) -> Result<PolicySet> {
+        match self {
+            PolicySource::Embedded => Ok(policy::default::policy_set()),
+            PolicySource::Path(p) => {
+                let loaded = policy::kubearmor::load(p)
+                    .map_err(|e| anyhow!("{e}\nfix the policy files above; nothing was applied"))?;
+                for w in &loaded.warnings {
+                    warn!("{w}");
+                }
+                Ok(loaded.set)
+            }
+        }
+    }
+
+    /// (path, modified, len) of every policy file: a cheap change detector.
+    fn fingerprint(&self) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+        let PolicySource::Path(root) = self else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut stack = vec![root.clone()];
+        while let Some(p) = stack.pop() {
+            let Ok(meta) = std::fs::metadata(&p) else {
+                out.push((p, None, 0));
+                continue;
+            };
+            if meta.is_dir() {
+                if let Ok(rd) = std::fs::read_dir(&p) {
+                    stack.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()));
+                }
+            } else {
+                out.push((p, meta.modified().ok(), meta.len()));
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+/// What the config file fixes for the life of the agent.
+pub struct Environment {
+    pub workloads: Vec<Workload>,
+    pub node_labels: BTreeMap<String, String>,
+    pub postures: Postures,
+    pub alerts_per_sec: u32,
+    pub audit_only: bool,
+}
+
+impl Environment {
+    pub fn from_config(config: &AgentConfig, mode: Mode) -> Result<Self> {
+        let mount = workload::cgroup2_mount()?;
+        let mut workloads = Vec::new();
+        for (i, spec) in config.workloads.iter().enumerate() {
+            let path = workload::cgroup_path(&mount, &spec.cgroup)
+                .with_context(|| format!("workload {} ({})", spec.name, spec.origin))?;
+            let cgroup_id = workload::ensure_cgroup(&path)
+                .with_context(|| format!("workload {} ({})", spec.name, spec.origin))?;
+            workloads.push(Workload {
+                id: i as u32 + 1,
+                name: spec.name.clone(),
+                namespace: spec.namespace.clone(),
+                labels: spec.labels.clone(),
+                pod: spec.pod.clone(),
+                container: spec.container.clone(),
+                cgroup: path,
+                cgroup_id,
+                owner: None,
+                root: Root::Host,
+            });
+        }
+        let mut node_labels = config.node_labels.clone();
+        node_labels
+            .entry("kubernetes.io/hostname".into())
+            .or_insert_with(|| config.host_name.clone().unwrap_or_else(hostname));
+        node_labels
+            .entry("kubernetes.io/os".into())
+            .or_insert_with(|| "linux".into());
+        Ok(Environment {
+            workloads,
+            node_labels,
+            postures: Postures {
+                workloads: config.default_posture.action(),
+                host: config.host_default_posture.action(),
+                namespaces: config
+                    .namespace_postures
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.action()))
+                    .collect(),
+                scope: match config.posture_scope {
+                    PostureScope::Protocol => compile::PostureScope::Protocol,
+                    PostureScope::Workload => compile::PostureScope::Workload,
+                },
+            },
+            alerts_per_sec: config.alerts_per_second,
+            audit_only: mode == Mode::Audit,
+        })
+    }
+}
+
+/// The resolver of host paths: this process's root, or the host's through pid 1 when the agent
+/// runs in a container of its own (with the host's pid namespace).
+pub fn host_resolver() -> Result<Resolver> {
+    Resolver::host()
+}
+
+/// Kubernetes as seen so far.
+struct Kube {
+    cluster: Cluster,
+    api: ApiPolicies,
+    owners: Owners,
+    recorder: kube::runtime::events::Recorder,
+    /// Pod owners resolved so far, by pod UID.
+    owner_of: BTreeMap<String, Owner>,
+    cgroup_root: PathBuf,
+    driver: Option<CgroupDriver>,
+    /// Namespace annotations already warned about, to say it once.
+    bad_postures: BTreeSet<(String, String)>,
+}
+
+/// Everything a compilation needs.
+pub struct Desired {
+    pub set: PolicySet,
+    pub workloads: Vec<Workload>,
+    pub node_labels: BTreeMap<String, String>,
+    pub postures: Postures,
+}
+
+pub struct Reconciler {
+    source: PolicySource,
+    env: Environment,
+    kube: Option<Kube>,
+    fingerprint: Vec<(PathBuf, Option<SystemTime>, u64)>,
+    /// The last valid policies of the files (or the embedded default).
+    file_set: PolicySet,
+    /// Identities of the host's source paths when last compiled: a package upgrade replaces one.
+    identities: Vec<Option<ExecutableId>>,
+    pub last: Compiled,
+    /// The workloads last applied, for alerts.
+    pub workloads: Vec<Workload>,
+    /// Workload ids of pods, by UID, stable for the pod's life. Ids are never reused, so an
+    /// alert read late never names another pod.
+    pod_ids: BTreeMap<String, u32>,
+    next_id: u32,
+    /// When each container was first seen and whether its sources have been applied, to report
+    /// the time from a container's start to its rules.
+    containers_seen: BTreeMap<String, (SystemTime, bool)>,
+    /// Directories under inotify: the QoS parents and every pod cgroup.
+    watched: BTreeSet<PathBuf>,
+    watcher: Option<notify::RecommendedWatcher>,
+    wake: Arc<Notify>,
+}
+
+impl Reconciler {
+    pub async fn new(
+        source: PolicySource,
+        env: Environment,
+        kube_args: &kubernetes::KubernetesArgs,
+    ) -> Result<Self> {
+        let file_set = source.load()?;
+        let kube = if kube_args.enabled() {
+            let cluster = Cluster::connect(kube_args).await?;
+            let cgroup_root = workload::cgroup2_mount()?;
+            let driver = kube_args
+                .cgroup_driver
+                .or_else(|| CgroupDriver::detect(&cgroup_root));
+            Some(Kube {
+                owners: Owners::new(cluster.client.clone()),
+                recorder: policies::recorder(cluster.client.clone(), &cluster.node_name),
+                cluster,
+                api: ApiPolicies::default(),
+                owner_of: BTreeMap::new(),
+                cgroup_root,
+                driver,
+                bad_postures: BTreeSet::new(),
+            })
+        } else {
+            None
+        };
+        let next_id = env.workloads.len() as u32 + 1;
+        let wake = Arc::new(Notify::new());
+        Ok(Self {
+            fingerprint: source.fingerprint(),
+            source,
+            env,
+            kube,
+            file_set,
+            identities: Vec::new(),
+            last: Compiled::default(),
+            workloads: Vec::new(),
+            pod_ids: BTreeMap::new(),
+            next_id,
+            containers_seen: BTreeMap::new(),
+            watched: BTreeSet::new(),
+            watcher: None,
+            wake,
+        })
+    }
+
+    pub fn embedded(&self) -> bool {
+        matches!(self.source, PolicySource::Embedded)
+    }
+
+    pub fn alerts_per_sec(&self) -> u32 {
+        self.env.alerts_per_sec
+    }
+
+    pub fn policy_count(&self) -> usize {
+        self.file_set.policies.len()
+    }
+
+    /// Waits (at most `timeout`) for the Kubernetes stores' first lists, so that the first
+    /// policy applied knows the cluster. Past the timeout the agent enforces what it knows and
+    /// says so; the watches keep trying.
+    pub async fn wait_for_cluster(&self, timeout: Duration) {
+        if let Some(k) = &self.kube {
+            match k.cluster.wait_synced(timeout).await {
+                Ok(()) => info!(
+                    "Kubernetes: {} pods on node {}, {} KubeArmorPolicy, {} KubeArmorHostPolicy",
+                    k.cluster.pods.state().len(),
+                    k.cluster.node_name,
+                    k.cluster.policies.state().len(),
+                    k.cluster.host_policies.state().len()
+                ),
+                Err(e) => warn!("{e:#}; enforcing what is known meanwhile"),
+            }
+        }
+    }
+
+    /// Gathers the desired state from every source.
+    pub async fn desired(&mut self) -> Desired {
+        let mut set = self.file_set.clone();
+        let mut workloads = self.env.workloads.clone();
+        let mut node_labels = self.env.node_labels.clone();
+        let mut postures = self.env.postures.clone();
+        if let Some(k) = self.kube.as_mut() {
+            let objects = k
+                .cluster
+                .policies
+                .state()
+                .into_iter()
+                .map(|o| ("KubeArmorPolicy", o))
+                .chain(
+                    k.cluster
+                        .host_policies
+                        .state()
+                        .into_iter()
+                        .map(|o| ("KubeArmorHostPolicy", o)),
+                );
+            let (api, refusals) = k.api.update(objects);
+            if !refusals.is_empty() {
+                let recorder = k.recorder.clone();
+                tokio::spawn(async move { policies::record(&recorder, refusals).await });
+            }
+            set.policies.extend(api);
+            if let Some(labels) = k.cluster.node_labels() {
+                // The API's labels are the node's; the config may add or override some.
+                let mut merged = labels;
+                merged.extend(self.env.node_labels.clone());
+                node_labels = merged;
+            }
+            for (ns, value) in k.cluster.namespace_postures() {
+                if postures.namespaces.contains_key(&ns) {
+                    continue; // the config file's setting wins
+                }
+                match value.as_str() {
+                    "block" => {
+                        postures.namespaces.insert(ns, Action::Block);
+                    }
+                    "audit" => {
+                        postures.namespaces.insert(ns, Action::Audit);
+                    }
+                    _ => {
+                        if k.bad_postures.insert((ns.clone(), value.clone())) {
+                            warn!(
+                                "namespace {ns}: annotation {}={value:?} is neither block nor \
+                                 audit; the default posture applies",
+                                kubernetes::POSTURE_ANNOTATION
+                            );
+                        }
+                    }
+                }
+            }
+            let pods: Vec<PodInfo> = k
+                .cluster
+                .pods
+                .state()
+                .iter()
+                .filter_map(|p| kubernetes::pods::pod_info(p))
+                .collect();
+            for pod in &pods {
+                if !k.owner_of.contains_key(&pod.uid) {
+                    let owner = k.owners.owner(pod).await;
+                    k.owner_of.insert(
+                        pod.uid.clone(),
+                        Owner {
+                            kind: owner.reference,
+                            name: owner.name,
+                            namespace: owner.namespace,
+                        },
+                    );
+                }
+            }
+            let present: BTreeSet<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
+            k.owner_of.retain(|uid, _| present.contains(uid.as_str()));
+            self.pod_ids.retain(|uid, _| present.contains(uid.as_str()));
+            if k.driver.is_none() {
+                k.driver = CgroupDriver::detect(&k.cgroup_root);
+            }
+            if let Some(driver) = k.driver {
+                let mut to_watch: BTreeSet<PathBuf> =
+                    containers::qos_cgroups(&k.cgroup_root, driver)
+                        .into_iter()
+                        .collect();
+                if let Some(pending) = pending_pods(&k.cgroup_root, driver, &set) {
+                    workloads.push(pending);
+                }
+                for pod in pods.iter().filter(|p| !p.finished) {
+                    let cgroup = containers::pod_cgroup(&k.cgroup_root, driver, pod.qos, &pod.uid);
+                    let Ok(cgroup_id) = workload::cgroup_id(&cgroup) else {
+                        // The kubelet has not made it yet: the pending-pods workload covers
+                        // whatever runs there before the next round.
+                        continue;
+                    };
+                    to_watch.insert(cgroup.clone());
+                    let id = *self.pod_ids.entry(pod.uid.clone()).or_insert_with(|| {
+                        let id = self.next_id;
+                        self.next_id += 1;
+                        id
+                    });
+                    let found = containers::discover(&cgroup);
+                    let mut list = Vec::new();
+                    for c in found {
+                        let status = pod.containers.iter().find(|s| s.id == c.id);
+                        self.containers_seen
+                            .entry(c.id.clone())
+                            .or_insert_with(|| (cgroup_created(&c.cgroup), false));
+                        list.push(workload::Container {
+                            id: c.id,
+                            name: status.map(|s| s.name.clone()),
+                            image: status.map(|s| s.image.clone()),
+                            cgroup_id: c.cgroup_id,
+                            root_pid: c.root_pid,
+                        });
+                    }
+                    workloads.push(Workload {
+                        id,
+                        name: format!("{}/{}", pod.namespace, pod.name),
+                        namespace: pod.namespace.clone(),
+                        labels: pod.labels.clone(),
+                        pod: Some(pod.name.clone()),
+                        container: None,
+                        cgroup,
+                        cgroup_id,
+                        owner: k.owner_of.get(&pod.uid).cloned(),
+                        root: Root::Containers(list),
+                    });
+                }
+                self.watch(to_watch);
+            }
+        }
+        Desired {
+            set,
+            workloads,
+            node_labels,
+            postures,
+        }
+    }
+
+    /// Keeps inotify watches on exactly `dirs`, so that a new pod cgroup or container wakes
+    /// the agent at once instead of at the next periodic round.
+    fn watch(&mut self, dirs: BTreeSet<PathBuf>) {
+        use notify::Watcher;
+        if self.watcher.is_none() {
+            let wake = self.wake.clone();
+            match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                if res.is_ok_and(|e| e.kind.is_create()) {
+                    wake.notify_one();
+                }
+            }) {
+                Ok(w) => self.watcher = Some(w),
+                Err(e) => {
+                    warn!(
+                        "cannot watch pod cgroups with inotify ({e}); new containers are found \
+                         by the periodic round only"
+                    );
+                    return;
+                }
+            }
+        }
+        let w = self.watcher.as_mut().expect("set above");
+        for gone in self.watched.difference(&dirs) {
+            let _ = w.unwatch(gone);
+        }
+        for new in dirs.difference(&self.watched) {
+            if let Err(e) = w.watch(new, notify::RecursiveMode::NonRecursive) {
+                debug!("inotify on {}: {e}", new.display());
+            }
+        }
+        self.watched = dirs;
+    }
+
+    /// What wakes the agent besides its periodic round: inotify on pod cgroups, and the
+    /// Kubernetes watches.
+    pub fn wakers(&self) -> (Arc<Notify>, Option<Arc<Notify>>) {
+        (
+            self.wake.clone(),
+            self.kube.as_ref().map(|k| k.cluster.changed.clone()),
+        )
+    }
+
+    pub fn compile(&self, d: &Desired) -> Result<Compiled> {
+        let resolver = host_resolver()?;
+        compile::compile(
+            &compile::Input {
+                policies: &d.set,
+                workloads: &d.workloads,
+                node_labels: &d.node_labels,
+                postures: &d.postures,
+                audit_only: self.env.audit_only,
+                alerts_per_sec: self.env.alerts_per_sec,
+            },
+            &resolver,
+        )
+    }
+
+    /// The identities of every host source path, to notice a replaced binary.
+    fn source_identities(c: &Compiled) -> Vec<Option<ExecutableId>> {
+        let Ok(r) = host_resolver() else {
+            return Vec::new();
+        };
+        c.sources.iter().map(|p| r.resolve(p).ok()).collect()
+    }
+
+    /// Records what was applied.
+    pub fn applied(&mut self, compiled: Compiled, workloads: Vec<Workload>) {
+        self.identities = Self::source_identities(&compiled);
+        self.last = compiled;
+        let now = SystemTime::now();
+        for w in &workloads {
+            let Root::Containers(cs) = &w.root else {
+                continue;
+            };
+            for c in cs.iter().filter(|c| c.root_pid.is_some()) {
+                if let Some((created, applied)) = self.containers_seen.get_mut(&c.id)
+                    && !*applied
+                {
+                    *applied = true;
+                    let after = now.duration_since(*created).unwrap_or_default();
+                    info!(
+                        "container {} of pod {}: its sources are in force, {} ms after its \
+                         cgroup appeared",
+                        &c.id[..12],
+                        w.name,
+                        after.as_millis()
+                    );
+                }
+            }
+        }
+        let live: BTreeSet<&str> = workloads
+            .iter()
+            .filter_map(|w| match &w.root {
+                Root::Containers(cs) => Some(cs.iter().map(|c| c.id.as_str())),
+                Root::Host => None,
+            })
+            .flatten()
+            .collect();
+        self.containers_seen
+            .retain(|id, _| live.contains(id.as_str()));
+        self.workloads = workloads;
+    }
+
+    /// One round: reload what changed, compile, and apply if the result differs.
+    pub(crate) async fn round(&mut self, shared: &Arc<Shared>) {
+        let fingerprint = self.source.fingerprint();
+        let files_changed = fingerprint != self.fingerprint;
+        if files_changed {
+            self.fingerprint = fingerprint;
+            match self.source.load() {
+                Ok(set) => self.file_set = set,
+                Err(e) => {
+                    error!("policy reload refused, the previous policy stays in force:\n{e:#}");
+                    RELOADS_REFUSED.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+        let desired = self.desired().await;
+        let compiled = match self.compile(&desired) {
+            Ok(c) => c,
+            Err(e) => {
+                error!("policy reload refused, the previous policy stays in force: {e:#}");
+                RELOADS_REFUSED.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        let identities = Self::source_identities(&compiled);
+        if compiled == self.last {
+            if desired.workloads != self.workloads {
+                // Nothing for the kernel, but alerts name containers by what is known now.
+                shared
+                    .context
+                    .write()
+                    .expect("context lock")
+                    .set_workloads(&desired.workloads);
+                self.workloads = desired.workloads;
+            }
+            return;
+        }
+        let why = if files_changed {
+            "policy change"
+        } else if identities != self.identities && !self.identities.is_empty() {
+            "refresh after a fromSource binary changed"
+        } else {
+            "workload or cluster change"
+        };
+        report_unresolved(&compiled, self.embedded());
+        let started = Instant::now();
+        match apply(shared, &compiled, &desired.workloads).await {
+            Ok(epoch) => {
+                let n = RELOADS.fetch_add(1, Ordering::Relaxed) + 1;
+                info!(
+                    "{why} applied as update {epoch} (reload #{n}, {} ms): {} kernel rules, {} \
+                     workloads",
+                    started.elapsed().as_millis(),
+                    compiled.rules.len(),
+                    desired.workloads.len()
+                );
+                self.applied(compiled, desired.workloads);
+            }
+            Err(e) => {
+                RELOADS_REFUSED.fetch_add(1, Ordering::Relaxed);
+                error!("{e:#}");
+            }
+        }
+    }
+}
+
+/// Writes `compiled` into the kernel: the rule table first (an alert of the new epoch may be
+/// read at once), then the maps, then the workloads alerts name.
+pub(crate) async fn apply(
+    shared: &Arc<Shared>,
+    compiled: &Compiled,
+    workloads: &[Workload],
+) -> Result<u16> {
+    let shared = shared.clone();
+    let c = compiled.clone();
+    let w = workloads.to_vec();
+    tokio::task::spawn_blocking(move || -> Result<u16> {
+        let mut e = shared.enforcer.lock().expect("enforcer lock");
+        let next = e.epoch().wrapping_add(1);
+        {
+            let mut ctx = shared.context.write().expect("context lock");
+            ctx.rules.insert(next, Arc::new(c.rules_info.clone()));
+            ctx.set_workloads(&w);
+        }
+        e.apply(&c)?;
+        Ok(e.epoch())
+    })
+    .await
+    .map_err(|e| anyhow!("the policy apply task failed: {e}"))?
+}
+
+/// When a container's cgroup was made (its directory's change time).
+fn cgroup_created(dir: &Path) -> SystemTime {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir)
+        .map(|m| SystemTime::UNIX_EPOCH + Duration::new(m.ctime() as u64, m.ctime_nsec() as u32))
+        .unwrap_or_else(|_| SystemTime::now())
+}
+
+/// The workload of pods whose cgroup exists but that the agent does not know yet: the
+/// `kubepods` cgroup itself, found by the kernel's walk when no pod cgroup below it is declared.
+/// Until the agent has seen the pod, its processes get the default posture for every class a
+/// `KubeArmorPolicy` names, so that no container's first socket escapes the policy that selects
+/// it. In practice the agent knows a pod before its first container starts.
+fn pending_pods(root: &Path, driver: CgroupDriver, set: &PolicySet) -> Option<Workload> {
+    let dir = match driver {
+        CgroupDriver::Cgroupfs => root.join("kubepods"),
+        CgroupDriver::Systemd => root.join("kubepods.slice"),
+    };
+    let cgroup_id = workload::cgroup_id(&dir).ok()?;
+    let named = set
+        .policies
+        .iter()
+        .any(|p| matches!(p.target, Target::Workloads(_)) && !p.rules.is_empty());
+    named.then(|| Workload {
+        id: workload::PENDING_PODS,
+        name: PENDING_POD.into(),
+        namespace: String::new(),
+        labels: BTreeMap::new(),
+        pod: None,
+        container: None,
+        cgroup: dir,
+        cgroup_id,
+        owner: None,
+        root: Root::Containers(Vec::new()),
+    })
+}
+
+pub fn report_unresolved(c: &Compiled, embedded: bool) {
+    for u in &c.unresolved {
+        if embedded {
+            // The default lists every usual install location; most are absent on any one node.
+            debug!(
+                "default policy: {} not present ({})",
+                u.path.display(),
+                u.error
+            );
+        } else {
+            warn!(
+                "{}: fromSource {} does not resolve ({}); no process can be running it now, and \
+                 the rule applies as soon as it appears",
+                u.origin,
+                u.path.display(),
+                u.error
+            );
+        }
+    }
+}
+
+/// Runs rounds: at every tick, at once when a pod cgroup or container appears or the cluster
+/// changes. A burst of changes is taken in one round.
+pub(crate) async fn run(mut r: Reconciler, shared: Arc<Shared>, every: Duration) {
+    let (wake, cluster) = r.wakers();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    if let Some(c) = cluster {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                c.notified().await;
+                let _ = tx.try_send(());
+            }
+        });
+    }
+    {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                wake.notified().await;
+                let _ = tx.try_send(());
+            }
+        });
+    }
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = rx.recv() => {
+                // Let the rest of a burst (a pod's several watch events) arrive.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                while rx.try_recv().is_ok() {}
+            }
+        }
+        r.round(&shared).await;
+    }
+}
