@@ -544,7 +544,7 @@ fn copy_file(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-fn is_elf(path: &Path) -> Result<bool> {
+pub fn is_elf(path: &Path) -> Result<bool> {
     let mut magic = [0u8; 4];
     let mut f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     Ok(f.read_exact(&mut magic).is_ok() && magic == *b"\x7fELF")
@@ -552,7 +552,7 @@ fn is_elf(path: &Path) -> Result<bool> {
 
 /// The shared objects `ldd` lists for `elf` (including the dynamic loader); empty
 /// for static binaries.
-fn ldd(elf: &Path) -> Result<Vec<PathBuf>> {
+pub fn ldd(elf: &Path) -> Result<Vec<PathBuf>> {
     let out = Command::new("ldd")
         .arg(elf)
         .env("LC_ALL", "C")
