@@ -35,6 +35,9 @@ enum Cmd {
     BenchSocket(bench_socket::BenchSocketArgs),
     /// Write the agent's OCI image archive to target/image/icmp-guard.tar (no pulls)
     Image(image::ImageArgs),
+    /// Build the image and prove it loads: a private containerd (`ctr images import`, both
+    /// tags, `ctr run`) and podman (`podman load`, `podman run --version`)
+    ImageTest(image::import_test::ImageTestArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
         Cmd::BenchAudit(args) => bench_audit::run(args),
         Cmd::BenchSocket(args) => bench_socket::run(args),
         Cmd::Image(args) => image::run(args),
+        Cmd::ImageTest(args) => image::import_test::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

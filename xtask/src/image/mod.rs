@@ -10,7 +10,10 @@
 //! (`-C target-feature=+crt-static`) links, but glibc then loads NSS modules with dlopen at run
 //! time for name lookups (the Kubernetes API host, later), which a static image cannot satisfy;
 //! the musl target is not installed here and rustup's archive is not reachable.
+//!
+//! `cargo xtask image-test` (in [`import_test`]) proves the archive loads.
 
+pub mod import_test;
 pub mod oci;
 
 use std::collections::BTreeMap;
