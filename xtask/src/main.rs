@@ -29,6 +29,9 @@ enum Cmd {
     VmRun(vm::run::VmRunArgs),
     /// Run the `enforcement` integration tests inside the VM with the BPF LSM on
     VmTest(vm::test::VmTestArgs),
+    /// Boot a Debian root filesystem with systemd as PID 1 under qemu, install the systemd
+    /// unit as the README says and check it live (start, ping, restart, kill, stop, security)
+    VmSystemd(vm::systemd::VmSystemdArgs),
     /// Generate 10,000 security groups and compare `icmp-guard audit` with checkov on them
     BenchAudit(bench_audit::BenchAuditArgs),
     /// Time socket() with and without the agent, side by side in one run.
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
         Cmd::VmKernels(args) => vm::kernels::run(args),
         Cmd::VmRun(args) => vm::run::run(args),
         Cmd::VmTest(args) => vm::test::run(args),
+        Cmd::VmSystemd(args) => vm::systemd::run(args),
         Cmd::BenchAudit(args) => bench_audit::run(args),
         Cmd::BenchSocket(args) => bench_socket::run(args),
         Cmd::Image(args) => image::run(args),

@@ -12,6 +12,7 @@ pub mod initramfs;
 pub mod kernels;
 pub mod qemu;
 pub mod run;
+pub mod systemd;
 pub mod test;
 
 use std::fmt;
