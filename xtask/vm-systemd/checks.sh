@@ -159,11 +159,13 @@ if pid=$(wait_enforcing 0 180); then
     info start_seconds "$(echo "$t0 $t1" | awk '{printf "%.1f", $2 - $1}')"
     enforcer=$(enforcer_of "$pid")
     refused=$(try_socket icmp)
+    # The unit keeps /sys/fs/cgroup writable for workload cgroups: see it from inside.
+    cgroup_opts=$(awk '$5 == "/sys/fs/cgroup" {print $6}' "/proc/$pid/mountinfo" | tail -n1)
     if wanted start; then
-        if [ "$enforcer" = lsm ] && [ "$refused" = EPERM ]; then
-            pass start "active (pid $pid), enforcing with the lsm enforcer; python3's raw ICMP socket: EPERM"
+        if [ "$enforcer" = lsm ] && [ "$refused" = EPERM ] && [ "${cgroup_opts%%,*}" = rw ]; then
+            pass start "active (pid $pid), enforcing with the lsm enforcer; python3's raw ICMP socket: EPERM; /sys/fs/cgroup is $cgroup_opts for the agent"
         else
-            fail start "pid $pid enforces with '$enforcer' (want lsm); python3's raw ICMP socket: $refused (want EPERM)"
+            fail start "pid $pid enforces with '$enforcer' (want lsm); python3's raw ICMP socket: $refused (want EPERM); /sys/fs/cgroup is '$cgroup_opts' for the agent (want rw)"
         fi
     fi
 else
