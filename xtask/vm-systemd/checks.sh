@@ -224,7 +224,7 @@ fi
 caps_probe() { # $1: the pid before the restart; prints why the agent does not work, if so
     local pid
     if ! pid=$(wait_enforcing "$1" 120); then
-        echo "the agent did not start: $(journalctl -q -o cat -u "$UNIT" -n 2 --no-pager | tr '\n' ' ' | cut -c1-240)"
+        echo "the agent did not start: $(journalctl -q -o cat -u "$UNIT" -n 30 --no-pager | grep "icmp-guard: error" | tail -n1 | cut -c1-240)"
     elif [ "$(try_socket icmp)" != EPERM ]; then
         echo "python3's raw ICMP socket was not refused"
     elif ! ping -c 1 -W 5 127.0.0.1 >/dev/null 2>&1; then
