@@ -171,7 +171,7 @@ fn require_tools(all: bool) -> Result<()> {
     missing.dedup();
     if !missing.is_empty() {
         bail!(
-            "image-test needs {0}, which is not installed: apt-get install -y {0} (scripts/setup.sh does)",
+            "image-test needs {0}, missing here: apt-get install -y {0} (scripts/setup.sh does)",
             missing.join(" ")
         );
     }
