@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use super::{REPOSITORY, oci, workspace_version};
-use crate::vm::run_checked;
+use crate::vm::{in_path, run_checked};
 
 #[derive(Debug, Args)]
 pub struct ImageTestArgs {
@@ -176,12 +176,6 @@ fn require_tools(all: bool) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn in_path(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
-        .unwrap_or(false)
 }
 
 /// The manifest digest of an archive written by `cargo xtask image` (read from index.json).

@@ -13,12 +13,14 @@ use std::ffi::OsString;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use flate2::{Compression, GzBuilder};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+
+use crate::vm::initramfs::normal_components;
 
 pub const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -104,7 +106,7 @@ impl Tree {
             bail!("{}: host paths must be absolute", host.display());
         }
         let mut cur = PathBuf::from("/");
-        let mut queue: VecDeque<OsString> = components(host);
+        let mut queue: VecDeque<OsString> = normal_components(host);
         let mut hops = 0;
         while let Some(name) = queue.pop_front() {
             if name == ".." {
@@ -130,7 +132,7 @@ impl Tree {
                 if target.is_absolute() {
                     cur = PathBuf::from("/");
                 }
-                let mut rest = components(&target);
+                let mut rest = normal_components(&target);
                 rest.extend(queue);
                 queue = rest;
             } else if meta.is_dir() {
@@ -170,16 +172,6 @@ fn kind(n: &Node) -> &'static str {
         Node::File { .. } => "a file",
         Node::Symlink { .. } => "a symlink",
     }
-}
-
-fn components(p: &Path) -> VecDeque<OsString> {
-    p.components()
-        .filter_map(|c| match c {
-            Component::Normal(n) => Some(n.to_os_string()),
-            Component::ParentDir => Some(OsString::from("..")),
-            _ => None,
-        })
-        .collect()
 }
 
 fn path_str(p: &Path) -> Result<String> {

@@ -622,7 +622,8 @@ fn parse_ldd(text: &str) -> Result<Vec<PathBuf>> {
     Ok(libs)
 }
 
-fn normal_components(p: &Path) -> VecDeque<OsString> {
+/// The normal and `..` components of `p`, for walking it one name at a time.
+pub fn normal_components(p: &Path) -> VecDeque<OsString> {
     p.components()
         .filter_map(|c| match c {
             Component::Normal(n) => Some(n.to_os_string()),
