@@ -12,11 +12,14 @@ fi
 
 # Build: Debian's rustc-web compiles the kernel crate (it ships a prebuilt core for
 # bpfel-unknown-none); bpf-linker links it against LLVM 22, the LLVM of that compiler.
-# Run and test: the tools the tests drive. VM tests: qemu, busybox and the archive keyring.
+# Run and test: the tools the tests drive. VM tests: qemu, busybox, the archive keyring, and
+# for the systemd VM mmdebstrap and e2fsprogs (scripts/vm-deps.txt). Image test: containerd
+# and podman, each run privately by `cargo xtask image-test`.
 packages=(
   rustc-web cargo-web libstd-rust-web-dev-bpf
   llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
   hping3 nmap iputils-ping python3 iproute2 libcap2-bin
+  containerd runc podman
 )
 while read -r p; do
   [ -n "$p" ] && packages+=("$p")

@@ -4,6 +4,7 @@
 mod bench_audit;
 mod bench_overhead;
 mod cache;
+mod image;
 mod k8s;
 mod vm;
 
@@ -30,6 +31,9 @@ enum Cmd {
     VmRun(vm::run::VmRunArgs),
     /// Run the `enforcement` integration tests inside the VM with the BPF LSM on
     VmTest(vm::test::VmTestArgs),
+    /// Boot a Debian root filesystem with systemd as PID 1 under qemu, install the systemd
+    /// unit as the README says and check it live (start, ping, restart, kill, stop, security)
+    VmSystemd(vm::systemd::VmSystemdArgs),
     /// Generate 10,000 security groups and compare `icmp-guard audit` with checkov on them
     BenchAudit(bench_audit::BenchAuditArgs),
     /// What the agent costs: syscalls it never decides, socket() by class, BPF time per program,
@@ -37,6 +41,11 @@ enum Cmd {
     BenchOverhead(bench_overhead::BenchOverheadArgs),
     /// Single-node Kubernetes test cluster: build, start, stop, status, kubectl, test
     K8s(k8s::K8sArgs),
+    /// Write the agent's OCI image archive to target/image/icmp-guard.tar (no pulls)
+    Image(image::ImageArgs),
+    /// Build the image and prove it loads: a private containerd (`ctr images import`, both
+    /// tags, `ctr run`) and podman (`podman load`, `podman run --version`)
+    ImageTest(image::import_test::ImageTestArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,9 +54,12 @@ fn main() -> ExitCode {
         Cmd::VmKernels(args) => vm::kernels::run(args),
         Cmd::VmRun(args) => vm::run::run(args),
         Cmd::VmTest(args) => vm::test::run(args),
+        Cmd::VmSystemd(args) => vm::systemd::run(args),
         Cmd::BenchAudit(args) => bench_audit::run(args),
         Cmd::BenchOverhead(args) => bench_overhead::run(args),
         Cmd::K8s(args) => k8s::run(args),
+        Cmd::Image(args) => image::run(args),
+        Cmd::ImageTest(args) => image::import_test::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

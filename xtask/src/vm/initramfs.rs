@@ -139,29 +139,7 @@ pub struct Contents<'a> {
 
 /// Builds `<dir>/staging` and packs it into `<dir>/initrd.gz`, which is returned.
 pub fn build(dir: &Path, contents: &Contents<'_>) -> Result<PathBuf> {
-    let staging_root = dir.join("staging");
-    if staging_root.exists() {
-        fs::remove_dir_all(&staging_root)
-            .with_context(|| format!("removing the old {}", staging_root.display()))?;
-    }
-    fs::create_dir_all(&staging_root)
-        .with_context(|| format!("creating {}", staging_root.display()))?;
-    let mut st = Staging {
-        root: staging_root.clone(),
-        seen: HashSet::new(),
-    };
-
-    for d in ["dev", "proc", "sys", "tmp", "run", "root", "etc"] {
-        st.guest_dir(Path::new("/").join(d).as_path())?;
-    }
-    // The host's merged-/usr layout (/bin -> usr/bin, /sbin -> usr/sbin, /lib64 ...),
-    // so that `busybox --install` finds every applet directory and host paths work.
-    for d in ["/bin", "/sbin", "/usr/bin", "/usr/sbin", "/lib", "/lib64"] {
-        if Path::new(d).exists() {
-            st.add_dir_only(Path::new(d))?;
-        }
-    }
-    st.add_host(Path::new(BUSYBOX), None)?;
+    let mut st = Staging::with_busybox(dir)?;
     // /bin/sh is the host's (dash on Debian), not busybox: busybox sh runs its own
     // applets before PATH, so a test's `sh -c "ping ..."` would get busybox ping.
     if Path::new("/bin/sh").exists() {
@@ -208,7 +186,21 @@ pub fn build(dir: &Path, contents: &Contents<'_>) -> Result<PathBuf> {
     st.write_file("/init", &render_init(contents)?, 0o755)?;
 
     let initrd = dir.join("initrd.gz");
-    pack(&staging_root, &initrd)?;
+    pack(&st.root, &initrd)?;
+    Ok(initrd)
+}
+
+/// An initramfs with only busybox, the given files (host path, guest path; copied with their
+/// shared libraries) and `init` as /init: for a boot that hands over to a real root
+/// filesystem, e.g. one that loads the disk's modules and `switch_root`s to systemd.
+pub fn build_with_init(dir: &Path, files: &[(PathBuf, PathBuf)], init: &str) -> Result<PathBuf> {
+    let mut st = Staging::with_busybox(dir)?;
+    for (host, guest) in files {
+        st.add_mapped(host, guest, None)?;
+    }
+    st.write_file("/init", init, 0o755)?;
+    let initrd = dir.join("initrd.gz");
+    pack(&st.root, &initrd)?;
     Ok(initrd)
 }
 
@@ -335,6 +327,33 @@ struct Staging {
 }
 
 impl Staging {
+    /// A fresh `<dir>/staging` with the base directories, the host's merged-/usr layout
+    /// (/bin -> usr/bin, /sbin -> usr/sbin, /lib64 ...), so that `busybox --install` finds
+    /// every applet directory and host paths work, and busybox itself.
+    fn with_busybox(dir: &Path) -> Result<Staging> {
+        let staging_root = dir.join("staging");
+        if staging_root.exists() {
+            fs::remove_dir_all(&staging_root)
+                .with_context(|| format!("removing the old {}", staging_root.display()))?;
+        }
+        fs::create_dir_all(&staging_root)
+            .with_context(|| format!("creating {}", staging_root.display()))?;
+        let mut st = Staging {
+            root: staging_root,
+            seen: HashSet::new(),
+        };
+        for d in ["dev", "proc", "sys", "tmp", "run", "root", "etc"] {
+            st.guest_dir(Path::new("/").join(d).as_path())?;
+        }
+        for d in ["/bin", "/sbin", "/usr/bin", "/usr/sbin", "/lib", "/lib64"] {
+            if Path::new(d).exists() {
+                st.add_dir_only(Path::new(d))?;
+            }
+        }
+        st.add_host(Path::new(BUSYBOX), None)?;
+        Ok(st)
+    }
+
     /// Where the guest path `guest` (a directory) lives in the staging tree,
     /// resolving symlinks already placed there the way the guest kernel will (an
     /// absolute link target means the guest's root, never the host's), and creating
@@ -544,7 +563,7 @@ fn copy_file(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-fn is_elf(path: &Path) -> Result<bool> {
+pub fn is_elf(path: &Path) -> Result<bool> {
     let mut magic = [0u8; 4];
     let mut f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     Ok(f.read_exact(&mut magic).is_ok() && magic == *b"\x7fELF")
@@ -552,7 +571,7 @@ fn is_elf(path: &Path) -> Result<bool> {
 
 /// The shared objects `ldd` lists for `elf` (including the dynamic loader); empty
 /// for static binaries.
-pub(crate) fn ldd(elf: &Path) -> Result<Vec<PathBuf>> {
+pub fn ldd(elf: &Path) -> Result<Vec<PathBuf>> {
     let out = Command::new("ldd")
         .arg(elf)
         .env("LC_ALL", "C")
@@ -603,7 +622,8 @@ fn parse_ldd(text: &str) -> Result<Vec<PathBuf>> {
     Ok(libs)
 }
 
-fn normal_components(p: &Path) -> VecDeque<OsString> {
+/// The normal and `..` components of `p`, for walking it one name at a time.
+pub fn normal_components(p: &Path) -> VecDeque<OsString> {
     p.components()
         .filter_map(|c| match c {
             Component::Normal(n) => Some(n.to_os_string()),

@@ -12,6 +12,7 @@ pub mod initramfs;
 pub mod kernels;
 pub mod qemu;
 pub mod run;
+pub mod systemd;
 pub mod test;
 
 use std::fmt;
@@ -117,9 +118,8 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Cargo's target directory for this workspace (honours CARGO_TARGET_DIR and
-/// `build.target-dir`, which is why we ask cargo instead of assuming `target/`).
-pub fn target_dir() -> Result<PathBuf> {
+/// `cargo metadata --no-deps` of this workspace.
+pub fn cargo_metadata() -> Result<serde_json::Value> {
     let out = Command::new(cargo_bin())
         .args([
             "metadata",
@@ -137,8 +137,13 @@ pub fn target_dir() -> Result<PathBuf> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("parsing `cargo metadata` output")?;
+    serde_json::from_slice(&out.stdout).context("parsing `cargo metadata` output")
+}
+
+/// Cargo's target directory for this workspace (honours CARGO_TARGET_DIR and
+/// `build.target-dir`, which is why we ask cargo instead of assuming `target/`).
+pub fn target_dir() -> Result<PathBuf> {
+    let v = cargo_metadata()?;
     let dir = v["target_directory"]
         .as_str()
         .context("`cargo metadata` has no target_directory")?;
@@ -166,7 +171,7 @@ struct Requirement {
     present: fn() -> bool,
 }
 
-fn in_path(name: &str) -> bool {
+pub fn in_path(name: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
         .unwrap_or(false)
@@ -221,7 +226,7 @@ pub fn timestamp() -> String {
     format_utc(secs)
 }
 
-fn format_utc(secs: u64) -> String {
+pub fn format_utc(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     // Howard Hinnant's days-to-civil algorithm.

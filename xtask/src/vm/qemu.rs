@@ -100,24 +100,94 @@ fn boot(
     nonce: &str,
     kernel: Kernel,
 ) -> Result<VmOutcome> {
-    let log = fs::File::create(log_path)
-        .with_context(|| format!("creating the log {}", log_path.display()))?;
-    let log = Arc::new(Mutex::new(log));
+    let mut cmd = qemu_command(vmlinuz, initrd, KERNEL_CMDLINE);
+    // No NIC: the tests only need lo, and probing a NIC costs boot time.
+    cmd.args(["-nic", "none"]);
+    let raw = run_qemu(cmd, log_path, timeout, None)?;
+    let console = raw.console;
+    let elapsed = raw.elapsed;
+    let parsed = parse_console(&console, nonce);
+    let where_ = format!("kernel {kernel}, console log {}", log_path.display());
+    match parsed.exit_code {
+        Some(exit_code) => {
+            eprintln!(
+                "vm: {} finished in {:.1} s, command exit code {exit_code}",
+                parsed.kernel_release.as_deref().unwrap_or(kernel.label()),
+                elapsed.as_secs_f64()
+            );
+            Ok(VmOutcome {
+                exit_code,
+                console,
+                log: log_path.to_path_buf(),
+                elapsed,
+                kernel_release: parsed.kernel_release,
+                lsm: parsed.lsm,
+            })
+        }
+        None if raw.timed_out => bail!(
+            "the VM did not finish within {} s and was killed; the command's result is unknown ({where_})",
+            timeout.as_secs()
+        ),
+        None => {
+            let why = if console.contains("Kernel panic") {
+                "the kernel panicked"
+            } else if parsed.kernel_release.is_none() {
+                "/init never ran to its first report (kernel or initramfs problem)"
+            } else {
+                "/init stopped before reporting the command's exit code"
+            };
+            bail!(
+                "the VM ended without the {EXIT_MARKER} marker: {why}; qemu exited with {} after {:.1} s ({where_})",
+                raw.status,
+                elapsed.as_secs_f64()
+            )
+        }
+    }
+}
 
+/// qemu-system-x86_64 under TCG with a serial console, booting `vmlinuz` with `initrd`.
+/// KVM is not used on purpose: on this kind of machine it hung at "Booting from ROM"; TCG
+/// is slow but works.
+pub fn qemu_command(vmlinuz: &Path, initrd: &Path, cmdline: &str) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-accel", "tcg", "-cpu", "max", "-m", "1536", "-smp", "2"])
-        // KVM is not used on purpose: on this kind of machine it hung at "Booting
-        // from ROM"; TCG is slow but works.
         .args(["-nographic", "-no-reboot"])
-        // No NIC: the tests only need lo, and probing a NIC costs boot time.
-        .args(["-nic", "none"])
         .arg("-kernel")
         .arg(vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", KERNEL_CMDLINE])
-        // stdin is not the terminal: qemu would put it in raw mode and swallow ^C.
-        .stdin(Stdio::null())
+        .args(["-append", cmdline]);
+    cmd
+}
+
+/// A qemu run that ended (by itself or killed at the timeout).
+pub struct RawRun {
+    /// The whole serial console, lossily decoded, `\r` removed.
+    pub console: String,
+    pub status: std::process::ExitStatus,
+    pub elapsed: Duration,
+    pub timed_out: bool,
+    /// Killed because it was still running [`DONE_GRACE`] after printing the `done` marker.
+    pub killed_after_done: bool,
+}
+
+/// How long a VM may take to power off after printing its `done` marker.
+pub const DONE_GRACE: Duration = Duration::from_secs(60);
+
+/// Runs `cmd` (a qemu command line), streaming the serial console to the terminal and to
+/// `log_path`, and kills it at `timeout`, or [`DONE_GRACE`] after the console showed `done`
+/// (the guest said it has finished; its power-off is not worth waiting for any longer).
+pub fn run_qemu(
+    mut cmd: Command,
+    log_path: &Path,
+    timeout: Duration,
+    done: Option<&str>,
+) -> Result<RawRun> {
+    let log = fs::File::create(log_path)
+        .with_context(|| format!("creating the log {}", log_path.display()))?;
+    let log = Arc::new(Mutex::new(log));
+    // stdin is not the terminal: qemu would put it in raw mode and swallow ^C.
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     eprintln!("vm: {cmd:?}");
@@ -142,6 +212,8 @@ fn boot(
 
     let deadline = start + timeout;
     let mut timed_out = false;
+    let mut done_at: Option<Instant> = None;
+    let mut killed_after_done = false;
     let status = loop {
         if let Some(status) = child.try_wait().context("waiting for qemu")? {
             break status;
@@ -150,6 +222,25 @@ fn boot(
             timed_out = true;
             let _ = child.kill();
             break child.wait().context("waiting for the killed qemu")?;
+        }
+        if let Some(marker) = done {
+            match done_at {
+                None => {
+                    let seen = console
+                        .lock()
+                        .map(|c| String::from_utf8_lossy(&c).contains(marker))
+                        .unwrap_or(false);
+                    if seen {
+                        done_at = Some(Instant::now());
+                    }
+                }
+                Some(t) if t.elapsed() >= DONE_GRACE => {
+                    killed_after_done = true;
+                    let _ = child.kill();
+                    break child.wait().context("waiting for the killed qemu")?;
+                }
+                Some(_) => {}
+            }
         }
         thread::sleep(Duration::from_millis(100));
     };
@@ -162,43 +253,13 @@ fn boot(
         // A killed or crashed VM stops mid-line; keep our messages on their own.
         println!();
     }
-    let console = String::from_utf8_lossy(&raw).replace('\r', "");
-    let parsed = parse_console(&console, nonce);
-    let where_ = format!("kernel {kernel}, console log {}", log_path.display());
-    match parsed.exit_code {
-        Some(exit_code) => {
-            eprintln!(
-                "vm: {} finished in {:.1} s, command exit code {exit_code}",
-                parsed.kernel_release.as_deref().unwrap_or(kernel.label()),
-                elapsed.as_secs_f64()
-            );
-            Ok(VmOutcome {
-                exit_code,
-                console,
-                log: log_path.to_path_buf(),
-                elapsed,
-                kernel_release: parsed.kernel_release,
-                lsm: parsed.lsm,
-            })
-        }
-        None if timed_out => bail!(
-            "the VM did not finish within {} s and was killed; the command's result is unknown ({where_})",
-            timeout.as_secs()
-        ),
-        None => {
-            let why = if console.contains("Kernel panic") {
-                "the kernel panicked"
-            } else if parsed.kernel_release.is_none() {
-                "/init never ran to its first report (kernel or initramfs problem)"
-            } else {
-                "/init stopped before reporting the command's exit code"
-            };
-            bail!(
-                "the VM ended without the {EXIT_MARKER} marker: {why}; qemu exited with {status} after {:.1} s ({where_})",
-                elapsed.as_secs_f64()
-            )
-        }
-    }
+    Ok(RawRun {
+        console: String::from_utf8_lossy(&raw).replace('\r', ""),
+        status,
+        elapsed,
+        timed_out,
+        killed_after_done,
+    })
 }
 
 /// Copies a qemu output stream to the terminal and the log (and keeps the console

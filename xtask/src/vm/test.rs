@@ -379,7 +379,7 @@ fn print_table(rows: &[Row]) {
     }
 }
 
-fn build_agent() -> Result<PathBuf> {
+pub fn build_agent() -> Result<PathBuf> {
     let artifacts = cargo_json(&["build", "--release", "-p", "icmp-guard"])?;
     find_artifact(&artifacts, |a| {
         a["target"]["name"] == "icmp-guard"
