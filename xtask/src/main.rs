@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Fetch and unpack Debian's kernels (5.10 bullseye, 6.1 bookworm, 6.12 trixie)
-    /// under target/vm/kernels/
+    /// under $ICMP_GUARD_CACHE/vm/kernels/ (default /var/cache/icmp-guard)
     VmKernels(vm::kernels::VmKernelsArgs),
     /// Boot a Debian kernel under qemu with an initramfs and run one command as root
     VmRun(vm::run::VmRunArgs),

@@ -1,5 +1,6 @@
 //! `cargo xtask vm-kernels`: fetches Debian's kernel packages and unpacks them under
-//! `<target>/vm/kernels/<suite>/`.
+//! `<cache>/vm/kernels/<suite>/` (`$ICMP_GUARD_CACHE`, default `/var/cache/icmp-guard`), once per
+//! machine rather than once per clone.
 //!
 //! The package name carries an ABI number that changes with every point release, so
 //! it is always resolved from `linux-image-amd64`'s dependency in the suite, never
@@ -12,7 +13,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use super::{Kernel, KernelChoice, check_host_packages, run_checked, vm_dir};
+use super::{Kernel, KernelChoice, check_host_packages, run_checked};
 
 pub const ARCHIVE_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 const MIRROR: &str = "http://deb.debian.org/debian";
@@ -57,7 +58,8 @@ pub struct KernelImage {
 
 /// Makes sure the kernel for `kernel` is unpacked; downloads only what is missing.
 pub fn ensure(kernel: Kernel, refresh: bool) -> Result<KernelImage> {
-    let vm = vm_dir()?;
+    // Kernels are downloaded once per machine, not once per clone.
+    let vm = crate::cache::cache_dir().join("vm");
     let dest = vm.join("kernels").join(kernel.suite());
     if !refresh && let Some(img) = already_unpacked(&dest)? {
         return Ok(img);

@@ -1,12 +1,15 @@
 //! Booting Debian kernels under qemu (TCG) with a throw-away initramfs, so that the
 //! BPF LSM path can be tested: the host kernel here refuses LSM programs.
 //!
-//! Layout of the caches (all under `<target>/vm/`, never committed):
-//! - `apt/<suite>/`: a separate apt state for suites other than the machine's own
-//! - `debs/<suite>/`: downloaded kernel packages
-//! - `kernels/<suite>/`: `dpkg-deb -x` of the kernel package (`boot/vmlinuz-*`)
-//! - `initramfs/`: the staging tree and the packed `initrd.gz` of the last run
-//! - `logs/<kernel>-<timestamp>.log`: the serial console of every boot
+//! Layout of the caches (never committed):
+//! - under `<cache>/vm/` (`$ICMP_GUARD_CACHE`, default `/var/cache/icmp-guard`: outside the
+//!   clone, so a fresh clone does not download the kernels again):
+//!   - `apt/<suite>/`: a separate apt state for suites other than the machine's own
+//!   - `debs/<suite>/`: downloaded kernel packages
+//!   - `kernels/<suite>/`: `dpkg-deb -x` of the kernel package (`boot/vmlinuz-*`)
+//! - under `<target>/vm/`:
+//!   - `initramfs/`: the staging tree and the packed `initrd.gz` of the last run
+//!   - `logs/<kernel>-<timestamp>.log`: the serial console of every boot
 
 pub mod initramfs;
 pub mod kernels;

@@ -292,14 +292,6 @@ fn check_host_tools() -> Result<()> {
     Ok(())
 }
 
-/// `$ICMP_GUARD_CACHE`, else `/var/cache/icmp-guard`: heavy caches live outside the clone.
-pub fn cache_root() -> PathBuf {
-    std::env::var_os("ICMP_GUARD_CACHE")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/icmp-guard"))
-}
-
 fn rootfs_key() -> String {
     let mut h = Sha256::new();
     h.update(SUITE);
@@ -316,7 +308,7 @@ fn rootfs_key() -> String {
 
 /// The cached root filesystem image, built first if missing. Returns the ext4 image path.
 fn ensure_rootfs(refresh: bool) -> Result<PathBuf> {
-    let dir = cache_root()
+    let dir = crate::cache::cache_dir()
         .join("vm-systemd")
         .join(format!("{SUITE}-{}", rootfs_key()));
     let image = dir.join("rootfs.ext4");
