@@ -20,8 +20,8 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 use crate::{
     events::alert,
     kernel::{
-        enforcer::{Counters, Enforcer, EnforcerChoice, Options},
-        offsets as kernel_offsets,
+        enforcer::{Arrival, Counters, Enforcer, EnforcerChoice, Options},
+        offsets as kernel_offsets, pins,
     },
     outputs::{Outputs, jsonl::JsonLines},
     sources::{config::AgentConfig, kubernetes::KubernetesArgs, workload},
@@ -60,6 +60,23 @@ pub struct RunArgs {
     /// in milliseconds (changes the agent is told of apply at once).
     #[arg(long, default_value_t = 250)]
     pub refresh_ms: u64,
+    /// Where the kernel programs' maps and link are pinned (on bpffs, mounted if needed), so
+    /// that a restarted agent takes over with no gap and a crashed one keeps enforcing until
+    /// it is back. `icmp-guard unload` removes it.
+    #[arg(long, default_value = pins::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Pin nothing: the programs go with the agent's process (every socket is allowed again
+    /// the moment it ends, however it ends).
+    #[arg(long, conflicts_with = "pin_dir")]
+    pub no_pin: bool,
+    /// Seconds the pinned programs keep deciding after the agent's last renewal (it renews
+    /// every second): how long a crashed agent has to come back.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    pub lease_secs: u64,
+    /// Seconds the pinned programs keep deciding after a clean stop (SIGTERM, Ctrl-C), for a
+    /// restarted agent to take over; then every socket is allowed again.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub stop_grace_secs: u64,
     #[command(flatten)]
     pub kubernetes: KubernetesArgs,
 }
@@ -152,25 +169,45 @@ pub fn run(args: RunArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    // Policy files are checked before anything is loaded: a broken file must not take over a
+    // running agent's pinned set.
+    source.load()?;
+    let offsets = kernel_offsets::from_running_kernel()?;
+    let cgroup = match &args.cgroup {
+        Some(c) => c.clone(),
+        None => workload::cgroup2_mount()?,
+    };
+    // The enforcer first: adopting a pinned set renews its lease before anything slow (the
+    // Kubernetes API, compiling) can let it lapse.
+    let mut enforcer = Enforcer::start(
+        &Options {
+            choice: args.enforcer,
+            cgroup: &cgroup,
+            pins: (!args.no_pin).then_some(args.pin_dir.as_path()),
+            lease: Duration::from_secs(args.lease_secs),
+        },
+        &offsets,
+    )?;
+    match enforcer.arrival {
+        Arrival::Adopted => info!(
+            "adopted the pinned set at {}: its policy stays in force until this agent's is \
+             compiled",
+            args.pin_dir.display()
+        ),
+        Arrival::Replaced { from } => info!(
+            "replaced the pinned set of layout {from} at {} with this agent's (layout {})",
+            args.pin_dir.display(),
+            crate::kernel::enforcer::LAYOUT
+        ),
+        Arrival::Fresh => info!("pinned at {}", args.pin_dir.display()),
+        Arrival::Unpinned => {}
+    }
     rt.block_on(async move {
         let mut reconciler = Reconciler::new(source, env, &args.kubernetes).await?;
         reconciler.wait_for_cluster(Duration::from_secs(30)).await;
         let desired = reconciler.desired().await;
         let compiled = reconciler.compile(&desired)?;
         reconcile::report_unresolved(&compiled, reconciler.embedded());
-
-        let offsets = kernel_offsets::from_running_kernel()?;
-        let cgroup = match &args.cgroup {
-            Some(c) => c.clone(),
-            None => workload::cgroup2_mount()?,
-        };
-        let mut enforcer = Enforcer::start(
-            &Options {
-                choice: args.enforcer,
-                cgroup: &cgroup,
-            },
-            &offsets,
-        )?;
         enforcer.apply(&compiled)?;
         let epoch = enforcer.epoch();
         info!(
@@ -227,6 +264,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             Arc::new(outputs),
             reconciler,
             args.refresh_ms,
+            Duration::from_secs(args.stop_grace_secs),
         )
         .await
     })
@@ -238,6 +276,7 @@ async fn serve(
     outputs: Arc<Outputs>,
     reconciler: Reconciler,
     refresh_ms: u64,
+    stop_grace: Duration,
 ) -> Result<()> {
     let mut reader = {
         let shared = shared.clone();
@@ -269,8 +308,9 @@ async fn serve(
         })
     };
 
-    // What has been announced so far; the last account at stop continues from it.
-    let seen = Arc::new(tokio::sync::Mutex::new(Losses::default()));
+    // What has been announced so far; the last account at stop continues from it. An adopted
+    // set's counters go back to its first agent: only what happens from now on is announced.
+    let seen = Arc::new(tokio::sync::Mutex::new(Losses::as_of_now(&shared)));
     let accounting = {
         let shared = shared.clone();
         let outputs = outputs.clone();
@@ -297,6 +337,13 @@ async fn serve(
         _ = int.recv() => info!("SIGINT: stopping"),
         r = &mut reader => error!("alert reader stopped: {r:?}"),
     }
+    // First of all, the lease: a pinned set keeps deciding for the grace, for a restarted
+    // agent to adopt; alerts raised meanwhile wait in its ring buffer.
+    let pinned = shared
+        .enforcer
+        .lock()
+        .expect("enforcer lock")
+        .release(stop_grace);
     // The reader holds the outputs; it must go for the writer to see the end of the stream.
     reader.abort();
     let _ = reader.await;
@@ -319,10 +366,17 @@ async fn serve(
             format!("{} {allowed}/{audited}/{blocked}", class.name())
         })
         .collect();
+    let after = if pinned {
+        format!(
+            "the pinned programs keep deciding for {stop_grace:?} for a restarted agent to take \
+             over, then every socket is allowed again (`icmp-guard unload` does it at once)"
+        )
+    } else {
+        "the programs are detached and every socket is allowed again".to_string()
+    };
     info!(
         "stopped; kernel counters: decided {}, blocked {}, audited {}, ring buffer full {}, \
-         identity read errors {}; decisions by class (allowed/audited/blocked): {}; the programs \
-         are detached and every socket is allowed again",
+         identity read errors {}; decisions by class (allowed/audited/blocked): {}; {after}",
         counters.decided,
         counters.blocked,
         counters.audited,
@@ -342,6 +396,18 @@ struct Losses {
     suppressed: BTreeMap<SuppressKey, u64>,
     counters: Counters,
     userspace: u64,
+}
+
+impl Losses {
+    /// What the kernel counted before this agent: not this agent's to announce.
+    fn as_of_now(shared: &Shared) -> Self {
+        let mut e = shared.enforcer.lock().expect("enforcer lock");
+        Losses {
+            suppressed: e.suppressed().unwrap_or_default(),
+            counters: e.counters().unwrap_or_default(),
+            userspace: 0,
+        }
+    }
 }
 
 async fn announce_losses(shared: &Shared, outputs: &Outputs, seen: &mut Losses) {

@@ -28,6 +28,8 @@ enum Command {
     /// Prove the enforcement: run scanner probes (hping3, nmap, a raw socket) and ping inside a
     /// workload and check each one's errno and alert.
     Test(icmp_guard::cli::simulation::TestArgs),
+    /// Remove the pinned kernel programs and maps at once: every socket is allowed again.
+    Unload(icmp_guard::cli::unload::UnloadArgs),
     /// Open one socket and report the result (the raw-socket probe `test` runs).
     #[command(hide = true)]
     ProbeSocket { kind: String },
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => icmp_guard::agent::run(args),
         Command::Probe(args) => icmp_guard::cli::probe::run(&args),
+        Command::Unload(args) => icmp_guard::cli::unload::run(&args),
         Command::Audit(args) => return icmp_guard::audit::run(&args),
         Command::Test(args) => match icmp_guard::cli::simulation::run(&args) {
             Ok(true) => return ExitCode::SUCCESS,

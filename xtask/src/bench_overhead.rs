@@ -158,9 +158,23 @@ impl Drop for Agent {
     }
 }
 
+/// Whether `agent run` pins by default (and so takes `--no-pin`): builds before pinning did not.
+fn pins_by_default(agent: &Path) -> bool {
+    Command::new(agent)
+        .args(["run", "--help"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("--no-pin"))
+        .unwrap_or(false)
+}
+
 fn start_agent(agent: &Path, policy: &Path, config: &Path, cgroup: &Path) -> Result<Agent> {
-    let mut child = Command::new(agent)
-        .args(["run", "--enforcer", "cgroup", "--output", "/dev/null"])
+    let mut cmd = Command::new(agent);
+    cmd.args(["run", "--enforcer", "cgroup", "--output", "/dev/null"]);
+    if pins_by_default(agent) {
+        // Measure the agent, not an adoption of a set some other agent left pinned.
+        cmd.arg("--no-pin");
+    }
+    let mut child = cmd
         .arg("--policy")
         .arg(policy)
         .arg("--config")

@@ -3,3 +3,4 @@
 pub mod probe;
 pub mod sandbox;
 pub mod simulation;
+pub mod unload;

@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::{
     kernel::{
         enforcer::{self, EnforcerKind},
-        offsets as kernel_offsets,
+        offsets as kernel_offsets, pins,
     },
     sources::workload,
 };
@@ -19,6 +19,13 @@ pub struct ProbeArgs {
     /// Print a JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// The pin directory whose set to report.
+    #[arg(long, default_value = pins::DEFAULT_PIN_DIR)]
+    pub pin_dir: std::path::PathBuf,
+    /// Report nothing; exit 0 only while a pinned set enforces with a live agent renewing its
+    /// lease (a readiness probe).
+    #[arg(long)]
+    pub enforcing: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -32,13 +39,16 @@ pub struct Report {
     pub lsm_list: Option<String>,
     pub cgroup2_mount: Result<String, String>,
     pub bpffs_mounted: bool,
+    /// The pinned set, if any: its layout, its agent and whether that agent still runs, the
+    /// lease left.
+    pub pinned: pins::Status,
     /// Where alerts take the caller's SOCK_NONBLOCK/SOCK_CLOEXEC flags from.
     pub socket_flags: String,
     pub auto_enforcer: Option<String>,
     pub blind_spots: Vec<String>,
 }
 
-pub fn collect() -> Report {
+pub fn collect(pin_dir: &Path) -> Report {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
@@ -86,6 +96,7 @@ pub fn collect() -> Report {
         lsm_list,
         cgroup2_mount,
         bpffs_mounted,
+        pinned: pins::status(pin_dir),
         socket_flags,
         auto_enforcer: auto.map(|k| k.name().to_string()),
         blind_spots: auto
@@ -96,7 +107,23 @@ pub fn collect() -> Report {
 
 pub fn run(args: &ProbeArgs) -> Result<()> {
     enforcer::check_root()?;
-    let r = collect();
+    if args.enforcing {
+        let st = pins::status(&args.pin_dir);
+        if st.enforcing() && st.agent_alive {
+            return Ok(());
+        }
+        anyhow::bail!(
+            "not enforcing: {}",
+            if !st.pinned {
+                format!("nothing is pinned at {}", args.pin_dir.display())
+            } else if !st.agent_alive {
+                format!("the agent that pinned it (pid {}) is gone", st.agent_pid)
+            } else {
+                "the lease has lapsed".to_string()
+            }
+        );
+    }
+    let r = collect(&args.pin_dir);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
@@ -124,9 +151,36 @@ pub fn run(args: &ProbeArgs) -> Result<()> {
         if r.bpffs_mounted {
             "mounted"
         } else {
-            "not mounted (not needed: icmp-guard pins nothing)"
+            "not mounted (`run` mounts it on /sys/fs/bpf to pin)"
         }
     );
+    let p = &r.pinned;
+    if p.pinned {
+        println!(
+            "pinned set             {} (layout {}, links: {}, agent pid {} {}, lease {})",
+            args.pin_dir.display(),
+            p.layout,
+            if p.links.is_empty() {
+                "none".to_string()
+            } else {
+                p.links.join(", ")
+            },
+            p.agent_pid,
+            if p.agent_alive { "running" } else { "GONE" },
+            match p.lease_left_ms {
+                u64::MAX => "without expiry".to_string(),
+                0 => "lapsed: every socket is allowed".to_string(),
+                ms => format!("{} ms left", ms),
+            }
+        );
+        if !p.agent_alive {
+            println!(
+                "  its agent is gone: start one to adopt it, or `icmp-guard unload` to remove it"
+            );
+        }
+    } else {
+        println!("pinned set             none at {}", args.pin_dir.display());
+    }
     println!("socket type flags      {}", r.socket_flags);
     match &r.auto_enforcer {
         Some(k) => println!("--enforcer auto picks  {k}"),

@@ -162,6 +162,8 @@ struct Setup {
 fn start_agent(args: &TestArgs, policy: &Path, config: &Path, dir: &Path) -> Result<OwnAgent> {
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg("run")
+        // A throw-away agent: it must neither adopt nor leave a pinned set.
+        .arg("--no-pin")
         .arg("--policy")
         .arg(policy)
         .arg("--config")

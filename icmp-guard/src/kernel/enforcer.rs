@@ -16,15 +16,17 @@
 use std::{
     collections::BTreeMap,
     fs::File,
-    os::fd::AsFd,
+    os::{fd::AsFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
 };
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSock, Lsm, ProgramError},
+    programs::{CgroupAttachMode, CgroupSock, Lsm, ProgramError, links::FdLink},
 };
 use icmp_guard_common::{
     Class,
@@ -36,7 +38,10 @@ use icmp_guard_common::{
 };
 use log::warn;
 
-use super::state::{self, Quiescence, StateMap};
+use super::{
+    pins::{self, PinDir},
+    state::{self, Quiescence, StateMap},
+};
 use crate::compile::Compiled;
 
 /// The kernel object built by build.rs from `icmp-guard-ebpf`.
@@ -94,13 +99,36 @@ pub struct Options<'a> {
     pub choice: EnforcerChoice,
     /// cgroup v2 directory to attach the cgroup program to (its whole subtree is covered).
     pub cgroup: &'a Path,
+    /// Where the maps and the hook's link are pinned; `None`: nothing is pinned, and the
+    /// programs go when the agent's process does.
+    pub pins: Option<&'a Path>,
+    /// How long the programs keep deciding after the agent's last renewal (pinned only).
+    pub lease: Duration,
+}
+
+/// How this agent came to its maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arrival {
+    /// Nothing was pinned: new maps, an empty policy until the first one is applied.
+    Fresh,
+    /// A pinned set of this layout was adopted: its policy stays in force until this agent's
+    /// replaces it, and alerts it raised meanwhile are read from its ring buffer.
+    Adopted,
+    /// A pinned set of another layout (`from`) was found: a new set was loaded beside it and
+    /// the old one removed once the new one enforced.
+    Replaced { from: u32 },
+    /// Not pinned (`--no-pin`).
+    Unpinned,
 }
 
 pub struct Enforcer {
     pub kind: EnforcerKind,
     pub attached_cgroup: Option<PathBuf>,
+    pub arrival: Arrival,
     ebpf: Ebpf,
-    state: StateMap,
+    state: Arc<StateMap>,
+    pins: Option<PinDir>,
+    lease: Option<LeaseKeeper>,
     /// What each generation holds in the kernel (`None`: unknown, rewrite it in full), so that
     /// an update writes only what changed.
     written: [Option<Generation>; 2],
@@ -155,11 +183,65 @@ impl Generation {
     }
 }
 
-fn load_object(offsets: &KernelOffsets) -> Result<Ebpf> {
-    EbpfLoader::new()
-        .override_global("OFFSETS", offsets, true)
+/// Loads the object; with `pins`, every map is taken from its pin there when one exists, and
+/// pinned there when not.
+fn load_object(offsets: &KernelOffsets, pins: Option<&Path>) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    loader.override_global("OFFSETS", offsets, true);
+    if let Some(dir) = pins {
+        for name in pins::PINNED_MAPS {
+            loader.map_pin_path(name, dir.join(name));
+        }
+    }
+    loader
         .load(OBJECT)
         .context("loading the icmp-guard kernel object (maps and programs)")
+}
+
+/// Renews the lease every second from a thread of its own, so that nothing the agent does
+/// (a long policy compilation, a slow API server) can let it lapse while the agent runs.
+struct LeaseKeeper {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const RENEW_EVERY: Duration = Duration::from_secs(1);
+
+impl LeaseKeeper {
+    fn start(state: Arc<StateMap>, lease: Duration) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        state.set_lease_until_ns(pins::boottime_ns() + lease.as_nanos() as u64);
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("lease".into())
+                .spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        state.set_lease_until_ns(pins::boottime_ns() + lease.as_nanos() as u64);
+                        std::thread::park_timeout(RENEW_EVERY);
+                    }
+                })
+                .expect("spawning the lease thread")
+        };
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// The LSM hook and its two alert-capture stages (tail-called, so each is verified on its own).
@@ -227,7 +309,54 @@ impl Enforcer {
         let btf = Btf::from_sys_fs().context(
             "reading /sys/kernel/btf/vmlinux: this kernel has no BTF, which the LSM program needs",
         );
-        let mut ebpf = load_object(offsets)?;
+        // Another agent may still be stopping (a restart): wait for its lock a while.
+        let pin = match opts.pins {
+            Some(p) => Some(PinDir::open(p, Duration::from_secs(30))?),
+            None => None,
+        };
+        let (arrival, staging) = match pin.as_ref().map(|p| p.layout()) {
+            None => (Arrival::Unpinned, None),
+            Some(None) => (Arrival::Fresh, None),
+            Some(Some(l)) if l == LAYOUT => (Arrival::Adopted, None),
+            Some(Some(from)) => {
+                // A set this agent cannot read: load a new one beside it, and remove the old
+                // one only once the new one enforces. The first words of STATE are the same in
+                // every layout, so the old set's lease can be kept fresh meanwhile.
+                let old = pin.as_ref().expect("pinned");
+                if let Some(old_state) = pins::read_state(&old.path) {
+                    old_state
+                        .set_lease_until_ns(pins::boottime_ns() + opts.lease.as_nanos() as u64);
+                }
+                // bpffs refuses names with a dot: no `.next`.
+                let path = PathBuf::from(format!("{}-next", old.path.display()));
+                let _ = pins::unload(&path);
+                (
+                    Arrival::Replaced { from },
+                    Some(PinDir::open(&path, Duration::ZERO)?),
+                )
+            }
+        };
+        let target = staging.as_ref().or(pin.as_ref());
+        let mut ebpf = load_object(offsets, target.map(|p| p.path.as_path()))?;
+        let Some(aya::maps::Map::Array(state)) = ebpf.map(m::MAP_STATE) else {
+            bail!("kernel object has no array map {}", m::MAP_STATE);
+        };
+        let state = Arc::new(StateMap::map(state.fd().as_fd())?);
+        let adopted = arrival == Arrival::Adopted;
+        if adopted {
+            // First of all: keep the adopted set deciding, and exempt this agent.
+            state.set_agent_tgid(std::process::id());
+        } else {
+            // Nothing decided until the first policy is written: no class is in use. The
+            // epoch starts one before 0 so that the first policy goes to generation 0 as 0.
+            state.set_control(control::word(u16::MAX, 0));
+            state.set_lease_until_ns(u64::MAX);
+            state.set_agent_tgid(std::process::id());
+            state.set_layout(LAYOUT);
+        }
+        let lease = pin
+            .as_ref()
+            .map(|_| LeaseKeeper::start(state.clone(), opts.lease));
         let kind = match opts.choice {
             EnforcerChoice::Lsm => {
                 let btf = btf?;
@@ -258,61 +387,140 @@ impl Enforcer {
                 },
             },
         };
-        let Some(aya::maps::Map::Array(state)) = ebpf.map(m::MAP_STATE) else {
-            bail!("kernel object has no array map {}", m::MAP_STATE);
-        };
-        let state = StateMap::map(state.fd().as_fd())?;
-        // Nothing decided until the first policy is written: no class is in use. The epoch
-        // starts one before 0 so that the first policy goes to generation 0 as epoch 0.
-        state.set_control(control::word(u16::MAX, 0));
-        state.set_lease_until_ns(u64::MAX);
-        state.set_agent_tgid(std::process::id());
-        state.set_layout(LAYOUT);
+        let epoch = control::epoch(state.control());
         let mut enforcer = Enforcer {
             kind,
             attached_cgroup: None,
+            arrival,
             ebpf,
             state,
+            pins: pin,
+            lease,
             written: [None, None],
-            epoch: u16::MAX,
-            flipped_since_quiescence: false,
+            epoch,
+            // An adopted set may have just flipped: wait before rewriting either generation.
+            flipped_since_quiescence: adopted,
             quiescence: None,
         };
-        // Empty policy first: the programs must never run against half-written maps.
-        log::debug!("writing the empty initial policy");
-        enforcer.apply(&Compiled::default())?;
+        if !adopted {
+            // Empty policy first: the programs must never run against half-written maps.
+            log::debug!("writing the empty initial policy");
+            enforcer.apply(&Compiled::default())?;
+        }
         log::debug!("attaching the {} program", kind.name());
-        match kind {
+        let (stages, programs) = match kind {
+            EnforcerKind::Lsm => (m::MAP_LSM_STAGES, LSM_PROGRAMS),
+            EnforcerKind::Cgroup => {
+                load_cgroup(&mut enforcer.ebpf)?;
+                (m::MAP_CGROUP_STAGES, CGROUP_PROGRAMS)
+            }
+        };
+        // The stages of an adopted set's programs are replaced one slot at a time: the hook
+        // then tail-calls this agent's stages, which read the same in-flight alerts.
+        install_stages(&mut enforcer.ebpf, stages, programs)?;
+        let link_dir = staging
+            .as_ref()
+            .or(enforcer.pins.as_ref())
+            .map(|p| p.path.clone());
+        enforcer.attach(opts, link_dir.as_deref())?;
+        if let (Some(staging), Some(old)) = (staging, enforcer.pins.take()) {
+            // The new set enforces: remove the old one, then put the new one in its place.
+            let removed = pins::unload(&old.path)?;
+            log::info!(
+                "removed the pinned set of layout {} at {} ({} pins) after this one took over",
+                match arrival {
+                    Arrival::Replaced { from } => from,
+                    _ => 0,
+                },
+                old.path.display(),
+                removed.len()
+            );
+            std::fs::rename(&staging.path, &old.path).with_context(|| {
+                format!(
+                    "moving {} to {}",
+                    staging.path.display(),
+                    old.path.display()
+                )
+            })?;
+            enforcer.pins = Some(staging.moved_to(old.path.clone()));
+        }
+        log::debug!("enforcer ready");
+        Ok(enforcer)
+    }
+
+    /// Attaches the hook. Unpinned: the link belongs to this process. Pinned in `dir`: an
+    /// adopted cgroup link on the same cgroup is pointed at the new program in one step
+    /// (`BPF_LINK_UPDATE`); otherwise the new link is attached and pinned first and the old
+    /// one removed after, so that some program decides at every instant.
+    fn attach(&mut self, opts: &Options, dir: Option<&Path>) -> Result<()> {
+        let kind = self.kind;
+        let link: FdLink = match kind {
             EnforcerKind::Lsm => {
-                install_stages(&mut enforcer.ebpf, m::MAP_LSM_STAGES, LSM_PROGRAMS)?;
-                let prog: &mut Lsm = enforcer
+                let prog: &mut Lsm = self
                     .ebpf
                     .program_mut("socket_create")
                     .expect("checked at load")
                     .try_into()?;
-                prog.attach()
+                let id = prog
+                    .attach()
                     .context("attaching the LSM socket_create program")?;
+                if dir.is_none() {
+                    return Ok(());
+                }
+                prog.take_link(id)?.into()
             }
             EnforcerKind::Cgroup => {
-                load_cgroup(&mut enforcer.ebpf)?;
-                install_stages(&mut enforcer.ebpf, m::MAP_CGROUP_STAGES, CGROUP_PROGRAMS)?;
-                let prog: &mut CgroupSock = enforcer
+                let cgroup = File::open(opts.cgroup)
+                    .with_context(|| format!("opening cgroup {}", opts.cgroup.display()))?;
+                let target = std::fs::metadata(opts.cgroup)?.ino();
+                self.attached_cgroup = Some(opts.cgroup.to_path_buf());
+                let prog: &mut CgroupSock = self
                     .ebpf
                     .program_mut("sock_create")
                     .expect("loaded above")
                     .try_into()?;
-                let dir = File::open(opts.cgroup)
-                    .with_context(|| format!("opening cgroup {}", opts.cgroup.display()))?;
+                if let Some(dir) = dir {
+                    let old = pins::link_pin(dir, kind.name());
+                    if let Some(fd) = pins::obj_get(&old)
+                        && pins::link_cgroup_id(fd.as_fd()) == Some(target)
+                    {
+                        pins::link_update(fd.as_fd(), prog.fd()?.as_fd())?;
+                        log::info!(
+                            "the pinned cgroup link now runs this agent's program (replaced in \
+                             place)"
+                        );
+                        return Ok(());
+                    }
+                }
                 // aya attaches through a bpf_link, and cgroup links always run beside other
                 // programs on the same hook (the kernel allows a socket only when every one
                 // does); link_create takes no BPF_F_ALLOW_MULTI, so the mode stays the default.
-                prog.attach(dir, CgroupAttachMode::default())
+                let id = prog
+                    .attach(cgroup, CgroupAttachMode::default())
                     .with_context(|| format!("attaching to cgroup {}", opts.cgroup.display()))?;
-                enforcer.attached_cgroup = Some(opts.cgroup.to_path_buf());
+                if dir.is_none() {
+                    return Ok(());
+                }
+                prog.take_link(id)?.try_into()?
             }
+        };
+        let dir = dir.expect("unpinned links returned above");
+        let pin = pins::link_pin(dir, kind.name());
+        // bpffs refuses names with a dot.
+        let next = PathBuf::from(format!("{}-next", pin.display()));
+        let _ = std::fs::remove_file(&next);
+        let pinned = link
+            .pin(&next)
+            .with_context(|| format!("pinning the link at {}", next.display()))?;
+        // Both the old and the new program decide now; the old link goes last.
+        for other in ["lsm", "cgroup"] {
+            let _ = std::fs::remove_file(pins::link_pin(dir, other));
         }
-        log::debug!("enforcer ready");
-        Ok(enforcer)
+        std::fs::rename(&next, &pin)
+            .with_context(|| format!("moving {} to {}", next.display(), pin.display()))?;
+        // The pin holds the link now; dropping this handle does not detach it.
+        drop(pinned);
+        Ok(())
     }
 
     /// Installs `compiled` atomically: the inactive generation is brought to the new policy,
@@ -468,6 +676,27 @@ impl Enforcer {
         &self.state
     }
 
+    /// The pin directory, when the set is pinned.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pins.as_ref().map(|p| p.path.as_path())
+    }
+
+    /// Stops renewing the lease and lets it run for `grace` more: a new agent adopting the
+    /// pinned set within it takes over with no gap; otherwise every socket is allowed again
+    /// when it lapses. Returns whether the set is pinned (unpinned programs go with the
+    /// process).
+    pub fn release(&mut self, grace: Duration) -> bool {
+        match self.lease.as_mut() {
+            Some(keeper) => {
+                keeper.stop();
+                self.state
+                    .set_lease_until_ns(pins::boottime_ns() + grace.as_nanos() as u64);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The ring buffer of decisions, for the alert pipeline (can be taken once).
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
         let map = self
@@ -567,7 +796,7 @@ pub struct Counters {
 pub fn probe_lsm() -> Result<()> {
     let btf = Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?;
     let offsets = crate::kernel::offsets::from_running_kernel()?;
-    let mut ebpf = load_object(&offsets)?;
+    let mut ebpf = load_object(&offsets, None)?;
     try_load_lsm(&mut ebpf, &btf)?.map_err(|e| anyhow!("{}", short_error(&e)))
 }
 

@@ -2,4 +2,5 @@
 //! offsets it hands the programs.
 pub mod enforcer;
 pub mod offsets;
+pub mod pins;
 pub mod state;

@@ -156,6 +156,19 @@ pub struct Agent {
     pub alerts: PathBuf,
     pub log: Arc<Mutex<Vec<String>>>,
     pub dir: PathBuf,
+    /// The pin directory this harness gave the agent, removed when it stops: each test's
+    /// agent has its own, so tests never adopt each other's sets. `None` when the test passed
+    /// its own `--pin-dir` (or `--no-pin`) and owns it.
+    pub own_pins: Option<PathBuf>,
+}
+
+/// A unique pin directory for a test's agent.
+pub fn test_pin_dir(name: &str) -> PathBuf {
+    PathBuf::from(format!(
+        "/sys/fs/bpf/icmp-guard-test-{}-{}-{name}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ))
 }
 
 pub struct AgentSpec<'a> {
@@ -187,6 +200,14 @@ impl Agent {
         if let Some(c) = spec.config {
             cmd.arg("--config").arg(c);
         }
+        let own_pins = (!spec
+            .extra
+            .iter()
+            .any(|a| a.starts_with("--pin-dir") || *a == "--no-pin"))
+        .then(|| test_pin_dir("agent"));
+        if let Some(p) = &own_pins {
+            cmd.arg("--pin-dir").arg(p);
+        }
         let spawned =
             icmp_guard::agent::spawn_until_ready(cmd, Duration::from_secs(90), Some("[agent]"))
                 .unwrap_or_else(|e| panic!("{e:#}"));
@@ -195,6 +216,7 @@ impl Agent {
             alerts,
             log: spawned.log,
             dir,
+            own_pins,
         }
     }
 
@@ -285,6 +307,19 @@ impl Agent {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        self.unpin();
+    }
+
+    /// Removes the pinned set the harness gave this agent: its sockets are given back at once,
+    /// as a test that stops an agent expects.
+    fn unpin(&mut self) {
+        if let Some(p) = self.own_pins.take()
+            && p.exists()
+        {
+            icmp_guard::kernel::pins::unload(&p).unwrap_or_else(|e| {
+                panic!("removing the test's pinned set {}: {e:#}", p.display())
+            });
+        }
     }
 }
 
@@ -293,6 +328,9 @@ impl Drop for Agent {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if let Some(p) = self.own_pins.take() {
+            let _ = icmp_guard::kernel::pins::unload(&p);
         }
     }
 }
