@@ -78,7 +78,7 @@ fn hping3_is_refused_with_an_alert() {
     assert_eq!(a["EventData"]["Class"], "raw");
     assert_eq!(a["EventData"]["Comm"], "hping3");
     // The test binary spawned hping3: the parent is this very executable.
-    let me = std::fs::read_link("/proc/self/exe").unwrap();
+    let me = procfs::process::Process::myself().unwrap().exe().unwrap();
     assert_eq!(s(&a, "ParentProcessName"), me.to_str().unwrap());
     assert_eq!(a["HostPPID"].as_i64().unwrap(), std::process::id() as i64);
     // The executable identity in the alert is the one userspace resolves for the path: the BTF

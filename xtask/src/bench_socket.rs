@@ -140,15 +140,11 @@ pub fn run(args: BenchSocketArgs) -> Result<()> {
             root.join("target/release/icmp-guard")
         }
     };
-    let mounts = fs::read_to_string("/proc/self/mountinfo")?;
-    let cg2 = mounts
-        .lines()
-        .find_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            right
-                .starts_with("cgroup2 ")
-                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
-        })
+    let cg2 = procfs::process::Process::myself()?
+        .mountinfo()?
+        .into_iter()
+        .find(|m| m.fs_type == "cgroup2")
+        .map(|m| m.mount_point)
         .context("no cgroup v2 mount")?;
     let cgroup = cg2.join(format!("icmp-guard-bench-{}", std::process::id()));
     fs::create_dir_all(&cgroup)?;
@@ -156,7 +152,7 @@ pub fn run(args: BenchSocketArgs) -> Result<()> {
 
     let dir = std::env::temp_dir().join(format!("icmp-guard-bench-{}", std::process::id()));
     fs::create_dir_all(&dir)?;
-    let me = fs::canonicalize("/proc/self/exe")?;
+    let me = fs::canonicalize(procfs::process::Process::myself()?.exe()?)?;
     // This process may open raw ICMP sockets; the copy below may not.
     let allow = dir.join("allow.yaml");
     fs::write(
