@@ -868,3 +868,26 @@ fn cloudformation_substitutions_that_multiply_are_unknown_not_a_hang() {
     let why = only_finding_why(&report);
     assert!(why.contains("longer than the 65536 bytes"), "{why}");
 }
+
+/// Locals that each list the next one eight times grew without bound (700 MB after 20 s); the
+/// evaluation budget stops them and the rules are UNKNOWN.
+#[test]
+fn terraform_locals_that_multiply_are_unknown_not_a_hang() {
+    let mut tf = String::from("locals {\n");
+    for i in 0..12 {
+        tf.push_str(&format!(
+            "  l{i} = [{}]\n",
+            vec![format!("local.l{}", i + 1); 8].join(", ")
+        ));
+    }
+    tf.push_str("  l12 = \"0.0.0.0/0\"\n}\n");
+    tf.push_str(
+        "resource \"aws_security_group\" \"x\" {\n  ingress {\n    protocol = \"icmp\"\n    \
+         from_port = -1\n    to_port = -1\n    cidr_blocks = local.l0\n  }\n}\n",
+    );
+    let report = lib_json_within("terraform", tf, std::time::Duration::from_secs(20));
+    let f = findings(&report);
+    assert!(!f.is_empty(), "{report:#}");
+    assert!(f.iter().all(|f| f["status"] == "unknown"), "{report:#}");
+    assert!(report.to_string().contains("too many times"), "{report:#}");
+}
