@@ -115,7 +115,7 @@ pub(crate) fn load_nested<'i, N: LoadableYamlNode<'i>>(text: &'i str) -> Result<
 /// Parses every document of a YAML stream. A syntax error fails the whole file: saphyr stops at
 /// the first one, and a document after a syntax error cannot be trusted anyway.
 pub(crate) fn load_documents<'i>(text: &'i str, file: &Path) -> Result<Vec<Node<'i>>, PolicyError> {
-    load_nested::<Node<'i>>(text).map_err(|e| {
+    let mut docs = load_nested::<Node<'i>>(text).map_err(|e| {
         PolicyError::new(
             Origin {
                 file: file.to_path_buf(),
@@ -129,7 +129,31 @@ pub(crate) fn load_documents<'i>(text: &'i str, file: &Path) -> Result<Vec<Node<
                 e.info()
             ),
         )
-    })
+    })?;
+    for doc in &mut docs {
+        give_tagged_values_their_tags_span(doc);
+    }
+    Ok(docs)
+}
+
+/// saphyr gives the value under a tag (`!!str 5`, `!Ref x`) no position of its own (line 0), and
+/// every reader looks through tags ([`plain`]), so an error about such a value would have no
+/// line. The value takes the tag's position instead. (Found by fuzzing.)
+fn give_tagged_values_their_tags_span(node: &mut Node<'_>) {
+    let span = node.span;
+    match &mut node.data {
+        YamlData::Tagged(_, inner) => {
+            if inner.span.start.line() == 0 {
+                inner.span = span;
+            }
+            give_tagged_values_their_tags_span(inner);
+        }
+        YamlData::Sequence(items) => items
+            .iter_mut()
+            .for_each(give_tagged_values_their_tags_span),
+        YamlData::Mapping(m) => m.values_mut().for_each(give_tagged_values_their_tags_span),
+        _ => {}
+    }
 }
 
 /// The node itself, or the node a tag such as `!!str` is attached to.
@@ -540,6 +564,19 @@ mod tests {
         let e = load_documents("a: &x 1\n---\nb: *x\n", Path::new("t.yaml")).unwrap_err();
         assert!(e.reason.contains("unknown anchor"), "{e}");
         assert_eq!(e.origin.line, 3);
+    }
+
+    /// Found by fuzzing (`apiVersion: !Join 256`): the error had line 0.
+    #[test]
+    fn errors_about_tagged_values_have_the_tags_line() {
+        let docs = load_documents("a: 1\nb: !Join 256\nc: !!str x\n", Path::new("t.yaml")).unwrap();
+        let mut d = Diag::new(Path::new("t.yaml"));
+        let m = Map::read(&mut d, &docs[0], "").unwrap();
+        assert_eq!(m.string(&mut d, "b"), None);
+        assert_eq!(d.errors.len(), 1);
+        assert_eq!(d.errors[0].origin.line, 2, "{}", d.errors[0]);
+        assert_eq!(m.string(&mut d, "c").as_deref(), Some("x"));
+        assert_eq!(d.origin(plain(m.get("c").unwrap())).line, 3);
     }
 
     #[test]
