@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: formatting and lints, unit and parser tests, the privileged end-to-end tests
-# against this machine's kernel (cgroup enforcer), and the same end-to-end tests inside qemu VMs
+# against this machine's kernel (cgroup enforcer), a bounded fuzzing run of every parser of
+# untrusted input, and the same end-to-end tests inside qemu VMs
 # booting Debian's 5.10, 6.1 and 6.12 kernels with BPF LSM (LSM enforcer). As root.
 # Installs what it needs first. Any failure, or any test that did not run, fails the whole.
 set -euo pipefail
@@ -27,11 +28,14 @@ for t in enforcement kubearmor_scenario; do
   }
 done
 
+echo "== fuzzing (every parser of untrusted input, ${ICMP_GUARD_FUZZ_SECONDS:-25} s per target)"
+cargo xtask fuzz --seconds "${ICMP_GUARD_FUZZ_SECONDS:-25}" 2>&1 | tee target/fuzz.log
+
 echo "== VM tests (LSM enforcer on Debian kernels under qemu)"
 cargo xtask vm-test --kernel "${ICMP_GUARD_VM_KERNELS:-all}" 2>&1 | tee target/vm-tests.log
 
 # Every stage above stops the script on failure, so reaching here means nothing failed.
 passed=$(cat target/host-tests.log target/vm-tests.log \
   | grep -oE "test result: ok\. [0-9]+ passed" | awk '{s += $4} END {print s + 0}')
-echo "test.sh: host suites and VM suites on every kernel passed"
+echo "test.sh: host suites, fuzzing and VM suites on every kernel passed"
 echo "${passed} passed, 0 failed"

@@ -3,6 +3,7 @@
 
 mod bench_audit;
 mod bench_socket;
+mod fuzz;
 mod vm;
 
 use std::process::ExitCode;
@@ -32,6 +33,8 @@ enum Cmd {
     BenchAudit(bench_audit::BenchAuditArgs),
     /// Time socket() with and without the agent, side by side in one run.
     BenchSocket(bench_socket::BenchSocketArgs),
+    /// Run every fuzz target (fuzz/, libFuzzer) for a bounded time; fail on any crash or hang
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Cmd::VmTest(args) => vm::test::run(args),
         Cmd::BenchAudit(args) => bench_audit::run(args),
         Cmd::BenchSocket(args) => bench_socket::run(args),
+        Cmd::Fuzz(args) => fuzz::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
