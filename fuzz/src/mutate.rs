@@ -316,6 +316,9 @@ fn tree(text: &str, rng: &mut Rng, shape: Shape) -> Option<String> {
         mutate_json(&mut v, rng);
         return serde_json::to_string_pretty(&v).ok();
     }
+    if !shallow(text) {
+        return None;
+    }
     let docs = Yaml::load_from_str(text).ok()?;
     let mut docs: Vec<Yaml<'static>> = docs.into_iter().map(own).collect();
     if docs.is_empty() {
@@ -331,6 +334,32 @@ fn tree(text: &str, rng: &mut Rng, shape: Shape) -> Option<String> {
         out.push('\n');
     }
     Some(out)
+}
+
+/// Whether a YAML text nests at most 64 levels: saphyr's loader recurses once per level, and
+/// a stack overflow in the mutator kills libFuzzer before it can save anything. The events are
+/// counted without building a tree.
+fn shallow(text: &str) -> bool {
+    let mut depth = 0usize;
+    for event in saphyr_parser::Parser::new_from_str(text) {
+        match event {
+            Ok((
+                saphyr_parser::Event::SequenceStart(..) | saphyr_parser::Event::MappingStart(..),
+                _,
+            )) => {
+                depth += 1;
+                if depth > 64 {
+                    return false;
+                }
+            }
+            Ok((saphyr_parser::Event::SequenceEnd | saphyr_parser::Event::MappingEnd, _)) => {
+                depth = depth.saturating_sub(1);
+            }
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 /// A copy of a YAML tree that borrows nothing from the input.
