@@ -46,4 +46,9 @@ if ! bpf-linker --version 2>/dev/null | grep -q "^bpf-linker 0\.13\."; then
   LLVM_PREFIX=/usr/lib/llvm-22 cargo install --quiet bpf-linker --version '~0.13' \
     --no-default-features --features llvm-22
 fi
+# cargo-fuzz builds the libFuzzer targets of fuzz/ (`cargo xtask fuzz`), on this stable toolchain.
+if ! cargo fuzz --version 2>/dev/null | grep -q "^cargo-fuzz 0\.13\."; then
+  echo "setup.sh: installing cargo-fuzz 0.13 (about 2 minutes)"
+  cargo install --quiet cargo-fuzz --version '~0.13' --locked
+fi
 echo "setup.sh: toolchain ready ($(bpf-linker --version), $(/usr/bin/rustc --version))"

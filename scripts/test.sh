@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test: formatting and lints, unit and parser tests, the privileged end-to-end tests
-# against this machine's kernel (cgroup enforcer), the container image's import into containerd
-# and podman, the same end-to-end tests inside qemu VMs booting Debian's 5.10, 6.1 and 6.12
-# kernels with BPF LSM (LSM enforcer), and the systemd unit under a live systemd in a VM. As root.
+# against this machine's kernel (cgroup enforcer), a bounded fuzzing run of every parser of
+# untrusted input, the container image's import into containerd and podman, the same end-to-end
+# tests inside qemu VMs booting Debian's 5.10, 6.1 and 6.12 kernels with BPF LSM (LSM
+# enforcer), and the systemd unit under a live systemd in a VM. As root.
 # Installs what it needs first. Any failure, or any test that did not run, fails the whole.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -31,6 +32,9 @@ done
 echo "== container image (built here, imported into a private containerd and podman)"
 cargo xtask image-test 2>&1 | tee target/image-test.log
 
+echo "== fuzzing (every parser of untrusted input, ${ICMP_GUARD_FUZZ_SECONDS:-25} s per target)"
+cargo xtask fuzz --seconds "${ICMP_GUARD_FUZZ_SECONDS:-25}" 2>&1 | tee target/fuzz.log
+
 echo "== VM tests (LSM enforcer on Debian kernels under qemu)"
 cargo xtask vm-test --kernel "${ICMP_GUARD_VM_KERNELS:-all}" 2>&1 | tee target/vm-tests.log
 
@@ -44,5 +48,5 @@ cargo xtask vm-systemd --check "${ICMP_GUARD_SYSTEMD_CHECKS:-start,ping,stop,sec
 passed=$(cat target/host-tests.log target/vm-tests.log \
   | grep -oE "test result: ok\. [0-9]+ passed" | awk '{s += $4} END {print s + 0}')
 checks=$(grep -cE "^[a-z]+ +PASS " target/vm-systemd.log || true)
-echo "test.sh: host suites, the image test, VM suites on every kernel and ${checks} systemd checks passed"
+echo "test.sh: host suites, fuzzing, the image test, VM suites on every kernel and ${checks} systemd checks passed"
 echo "$((passed + checks + 1)) passed, 0 failed"

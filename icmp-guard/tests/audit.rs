@@ -788,3 +788,106 @@ mod binary {
         assert_eq!(physical["region"]["startLine"], 22);
     }
 }
+
+/// Runs the audit of `text` (stdin, `--input-format FORMAT`) on a thread and fails if it takes
+/// longer than `limit`: the inputs below took minutes to hours, or all memory, before their fix.
+fn lib_json_within(format: &str, text: String, limit: std::time::Duration) -> Value {
+    let format = format.to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let out = lib_run(&["--format", "json", "--input-format", &format, "-"], &text);
+        let _ = tx.send(out.json());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("the audit did not finish within {limit:?}"))
+}
+
+fn only_finding_why(report: &Value) -> String {
+    let f = findings(report);
+    assert_eq!(f.len(), 1, "{report:#}");
+    assert_eq!(f[0]["status"], "unknown", "{report:#}");
+    f[0].to_string()
+}
+
+/// Ten conditions that each name the next one eight times were 8^9 evaluations (a hang); the
+/// evaluation budget makes the rule UNKNOWN, with the reason, instead.
+#[test]
+fn cloudformation_conditions_that_multiply_are_unknown_not_a_hang() {
+    let conditions: Vec<String> = (0..9)
+        .map(|i| {
+            format!(
+                "\"C{i}\": {{\"Fn::And\": [{}]}}",
+                vec![format!("{{\"Condition\": \"C{}\"}}", i + 1); 8].join(", ")
+            )
+        })
+        .chain(std::iter::once(
+            "\"C9\": {\"Fn::Equals\": [\"a\", \"a\"]}".to_string(),
+        ))
+        .collect();
+    let template = format!(
+        "{{\"AWSTemplateFormatVersion\": \"2010-09-09\", \"Conditions\": {{{}}}, \"Resources\": \
+         {{\"Sg\": {{\"Type\": \"AWS::EC2::SecurityGroupIngress\", \"Properties\": {{\"GroupId\": \
+         \"sg-1\", \"IpProtocol\": {{\"Fn::If\": [\"C0\", \"icmp\", \"tcp\"]}}, \"CidrIp\": \
+         \"0.0.0.0/0\", \"FromPort\": -1, \"ToPort\": -1}}}}}}}}",
+        conditions.join(", ")
+    );
+    let report = lib_json_within(
+        "cloudformation",
+        template,
+        std::time::Duration::from_secs(20),
+    );
+    let why = only_finding_why(&report);
+    assert!(why.contains("too many times"), "{why}");
+}
+
+/// A parameter whose default substitutes the next one eight times, nine deep, built a string
+/// of 8^9 bytes; now a string past 64 KiB is unknown.
+#[test]
+fn cloudformation_substitutions_that_multiply_are_unknown_not_a_hang() {
+    let mut parameters: Vec<String> = (0..12)
+        .map(|i| {
+            format!(
+                "\"P{i}\": {{\"Type\": \"String\", \"Default\": {{\"Fn::Sub\": \"{}\"}}}}",
+                format!("${{P{}}}", i + 1).repeat(8)
+            )
+        })
+        .collect();
+    parameters.push("\"P12\": {\"Type\": \"String\", \"Default\": \"0.0.0.0/0\"}".into());
+    let template = format!(
+        "{{\"AWSTemplateFormatVersion\": \"2010-09-09\", \"Parameters\": {{{}}}, \"Resources\": \
+         {{\"Sg\": {{\"Type\": \"AWS::EC2::SecurityGroupIngress\", \"Properties\": {{\"GroupId\": \
+         \"sg-1\", \"IpProtocol\": \"icmp\", \"CidrIp\": {{\"Ref\": \"P0\"}}, \"FromPort\": -1, \
+         \"ToPort\": -1}}}}}}}}",
+        parameters.join(", ")
+    );
+    let report = lib_json_within(
+        "cloudformation",
+        template,
+        std::time::Duration::from_secs(20),
+    );
+    let why = only_finding_why(&report);
+    assert!(why.contains("longer than the 65536 bytes"), "{why}");
+}
+
+/// Locals that each list the next one eight times grew without bound (700 MB after 20 s); the
+/// evaluation budget stops them and the rules are UNKNOWN.
+#[test]
+fn terraform_locals_that_multiply_are_unknown_not_a_hang() {
+    let mut tf = String::from("locals {\n");
+    for i in 0..12 {
+        tf.push_str(&format!(
+            "  l{i} = [{}]\n",
+            vec![format!("local.l{}", i + 1); 8].join(", ")
+        ));
+    }
+    tf.push_str("  l12 = \"0.0.0.0/0\"\n}\n");
+    tf.push_str(
+        "resource \"aws_security_group\" \"x\" {\n  ingress {\n    protocol = \"icmp\"\n    \
+         from_port = -1\n    to_port = -1\n    cidr_blocks = local.l0\n  }\n}\n",
+    );
+    let report = lib_json_within("terraform", tf, std::time::Duration::from_secs(20));
+    let f = findings(&report);
+    assert!(!f.is_empty(), "{report:#}");
+    assert!(f.iter().all(|f| f["status"] == "unknown"), "{report:#}");
+    assert!(report.to_string().contains("too many times"), "{report:#}");
+}

@@ -78,7 +78,7 @@ fn hping3_is_refused_with_an_alert() {
     assert_eq!(a["EventData"]["Class"], "raw");
     assert_eq!(a["EventData"]["Comm"], "hping3");
     // The test binary spawned hping3: the parent is this very executable.
-    let me = std::fs::read_link("/proc/self/exe").unwrap();
+    let me = procfs::process::Process::myself().unwrap().exe().unwrap();
     assert_eq!(s(&a, "ParentProcessName"), me.to_str().unwrap());
     assert_eq!(a["HostPPID"].as_i64().unwrap(), std::process::id() as i64);
     // The executable identity in the alert is the one userspace resolves for the path: the BTF
@@ -545,5 +545,156 @@ fn a_bind_mount_over_the_allowed_path_is_refused() {
         .resolve(Path::new(HPING3))
         .unwrap();
     assert_eq!(a["EventData"]["Executable"], hping.to_string());
+    agent.stop();
+}
+
+/// Malformed policy files that a hot reload must refuse, built from the strict policy: the
+/// mistakes people make, what a half-finished write leaves behind, and byte-level mutants
+/// (deterministic, kept only when the parser refuses them).
+fn malformed_policies(valid: &str) -> Vec<(String, Vec<u8>)> {
+    let good_doc = valid.to_string();
+    let mut cases: Vec<(String, Vec<u8>)> = vec![
+        ("an empty file (a write in progress)".into(), Vec::new()),
+        ("only a comment".into(), b"# being edited\n".to_vec()),
+        ("not UTF-8".into(), b"\xff\xfe\x00kind: \xc3\x28\n".to_vec()),
+        ("tabs for indentation".into(), valid.replace("  ", "\t").into_bytes()),
+        ("a misspelt kind".into(), valid.replace("KubeArmorHostPolicy", "KubeArmorHostPolcy").into_bytes()),
+        ("an unknown protocol".into(), valid.replace("icmp,icmpv6", "icmpp,icmpv6").into_bytes()),
+        ("a misspelt key".into(), valid.replace("matchProtocols", "matchProtocol").into_bytes()),
+        ("a relative fromSource path".into(), valid.replace("/usr/bin/ping", "usr/bin/ping").into_bytes()),
+        (
+            "a good document followed by a broken one".into(),
+            format!("{good_doc}---\nkind: KubeArmorHostPolicy\nmetadata: [\n").into_bytes(),
+        ),
+        (
+            "a List with a good item and a broken one".into(),
+            format!(
+                "apiVersion: v1\nkind: List\nitems:\n- {}\n- kind: KubeArmorHostPolicy\n  metadata: 3\n",
+                good_doc
+                    .lines()
+                    .filter(|l| !l.starts_with('#'))
+                    .collect::<Vec<_>>()
+                    .join("\n  ")
+            )
+            .into_bytes(),
+        ),
+        ("deep nesting".into(), format!("{}x\n", "- ".repeat(40_000)).into_bytes()),
+        (
+            "an alias bomb".into(),
+            (1..12)
+                .map(|i| format!("a{i}: &a{i} [{}]\n", vec![format!("*a{}", i - 1); 9].join(",")))
+                .fold("a0: &a0 [x,x,x,x,x,x,x,x,x]\n".to_string(), |acc, l| acc + &l)
+                .into_bytes(),
+        ),
+    ];
+    // Byte-level mutants: flip, delete or insert bytes at positions from a fixed xorshift seed.
+    let mut state: u64 = 0x1c3f_9a2b_5d7e_4f61;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let bytes = valid.as_bytes();
+    let mut mutants = 0;
+    while mutants < 16 {
+        let mut m = bytes.to_vec();
+        for _ in 0..1 + next() % 3 {
+            let at = (next() as usize) % m.len();
+            match next() % 4 {
+                0 => m[at] = b"\t:-[]{}&*!|>'\"#\n %"[(next() % 18) as usize],
+                1 => {
+                    m.remove(at);
+                }
+                2 => m.insert(at, b":[{\t"[(next() % 4) as usize]),
+                _ => m.truncate(at),
+            }
+        }
+        let text = String::from_utf8_lossy(&m);
+        if icmp_guard::sources::policy::kubearmor::parse_str(&text, Path::new("m.yaml")).is_err() {
+            cases.push((format!("byte mutant {mutants}"), m));
+            mutants += 1;
+        }
+    }
+    cases
+}
+
+/// "A malformed policy during hot reload must never apply anything": a running agent is fed a
+/// series of broken policy files, and after each one the kernel still decides as before (ping
+/// allowed, a raw ICMP socket from python refused) and the refusal is in the log. A valid change
+/// at the end is applied, which shows the reload path was live all along.
+#[test]
+fn malformed_policies_during_hot_reload_apply_nothing() {
+    let cg = TestCgroup::new("malformed-reload");
+    let dir = scratch("malformed-reload");
+    let policy = dir.join("policy.yaml");
+    let valid = std::fs::read_to_string(strict_policy()).unwrap();
+    std::fs::write(&policy, &valid).unwrap();
+    let agent = Agent::start(AgentSpec {
+        policy: Some(&policy),
+        config: None,
+        attach: &cg.path,
+        extra: &[],
+    });
+    let place = placement(&cg);
+    let raw_icmp = py_socket("AF_INET", "SOCK_RAW", "1");
+    let check = |after: &str| {
+        let out = run_probe(&place, &[require_tool(PYTHON), "-c", &raw_icmp]);
+        assert!(
+            text(&out).contains("REFUSED 1"),
+            "after {after}: python's raw ICMP socket was not refused: {}",
+            text(&out)
+        );
+        let out = run_probe(
+            &place,
+            &[require_tool(PING), "-c", "1", "-W", "2", "127.0.0.1"],
+        );
+        assert!(
+            out.status.success(),
+            "after {after}: ping was refused: {}",
+            text(&out)
+        );
+    };
+    check("start");
+    let cases = malformed_policies(&valid);
+    for (i, (what, bytes)) in cases.iter().enumerate() {
+        // Written beside and renamed over, so the agent sees this content and nothing between.
+        let staged = dir.join("policy.yaml.new");
+        std::fs::write(&staged, bytes).unwrap();
+        std::fs::rename(&staged, &policy).unwrap();
+        let start = std::time::Instant::now();
+        while agent.log_count("policy reload refused") <= i {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no refusal logged for {what}; the agent's log:\n{}",
+                agent.log.lock().unwrap().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            agent.log_count("policy change applied"),
+            0,
+            "{what} was applied; the agent's log:\n{}",
+            agent.log.lock().unwrap().join("\n")
+        );
+        check(what);
+    }
+    assert_eq!(agent.log_count("policy reload refused"), cases.len());
+
+    // A valid change is still applied: python may now open raw ICMP sockets too.
+    let python = std::fs::canonicalize(PYTHON).unwrap();
+    let allowed = valid.replace(
+        "      - path: /usr/bin/ping\n",
+        &format!(
+            "      - path: /usr/bin/ping\n      - path: {}\n",
+            python.display()
+        ),
+    );
+    assert_ne!(allowed, valid);
+    std::fs::write(dir.join("policy.yaml.new"), &allowed).unwrap();
+    std::fs::rename(dir.join("policy.yaml.new"), &policy).unwrap();
+    agent.wait_log("policy change applied", Duration::from_secs(10));
+    let out = run_probe(&place, &[PYTHON, "-c", &raw_icmp]);
+    assert!(text(&out).contains("OPENED"), "{}", text(&out));
     agent.stop();
 }

@@ -1541,3 +1541,24 @@ spec:
     assert!(loaded.warnings[0].message.contains("app=nginx"));
     assert_eq!(loaded.set.policies[0].rules.len(), 1);
 }
+
+/// An empty or comment-only policy file is what a write in progress leaves behind; applying it
+/// would drop every rule, so it is refused like any broken file (the agent keeps the old policy).
+#[test]
+fn a_policy_file_without_any_policy_is_refused() {
+    for text in ["", "# being edited\n", "---\n", "\n\n---\n# x\n---\n"] {
+        let e = kubearmor::parse_str(text, Path::new("p.yaml")).unwrap_err();
+        assert_eq!(e.len(), 1, "{text:?}: {e}");
+        let e = &e.0[0];
+        assert_eq!(e.reason, kubearmor::NO_POLICY, "{text:?}");
+        assert_eq!(e.origin.line, 0);
+        assert!(
+            e.to_string()
+                .starts_with("p.yaml: the file holds no policy"),
+            "{e}"
+        );
+    }
+    // A file with a policy and empty documents around it is still fine.
+    let one = std::fs::read_to_string(data("policies/multi-doc.yaml")).unwrap();
+    assert!(kubearmor::parse_str(&format!("---\n{one}---\n"), Path::new("p.yaml")).is_ok());
+}

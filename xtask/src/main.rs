@@ -4,6 +4,7 @@
 mod bench_audit;
 mod bench_overhead;
 mod cache;
+mod fuzz;
 mod image;
 mod k8s;
 mod vm;
@@ -46,6 +47,8 @@ enum Cmd {
     /// Build the image and prove it loads: a private containerd (`ctr images import`, both
     /// tags, `ctr run`) and podman (`podman load`, `podman run --version`)
     ImageTest(image::import_test::ImageTestArgs),
+    /// Run every fuzz target (fuzz/, libFuzzer) for a bounded time; fail on any crash or hang
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
         Cmd::K8s(args) => k8s::run(args),
         Cmd::Image(args) => image::run(args),
         Cmd::ImageTest(args) => image::import_test::run(args),
+        Cmd::Fuzz(args) => fuzz::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,7 +8,7 @@
 //! `Fn::ImportValue`, a parameter without `Default`, `AWS::Region`, …) becomes
 //! [`Value::Unknown`] with the reason, so the rule reports it as unknown instead of passing it.
 
-use std::collections::HashMap;
+use std::{cell::Cell, collections::HashMap};
 
 use super::{
     document::{Node, NodeValue},
@@ -20,6 +20,18 @@ const SHAPE_HINT: &str =
     "see the AWS::EC2::SecurityGroup reference in the CloudFormation User Guide";
 /// Guards against conditions or mappings that refer to themselves.
 const MAX_DEPTH: usize = 32;
+/// Steps of static evaluation one template may take. Conditions, parameters and mappings can
+/// refer to each other many times over, so the work is not bounded by the template's size (ten
+/// conditions that each name the next one eight times are 8^10 evaluations); past this budget
+/// every value still to resolve is unknown. Real templates take a few thousand steps.
+pub const RESOLVE_BUDGET: u32 = 200_000;
+/// Longest string `Fn::Sub` or `Fn::Join` may build; repeated substitutions double it.
+pub const MAX_TEXT: usize = 64 * 1024;
+/// Copying text costs a step per this many bytes, so what references copy stays bounded too
+/// (a parameter's long default named 10,000 times).
+const BYTES_PER_STEP: usize = 256;
+const OUT_OF_BUDGET: &str = "the template's intrinsic functions refer to each other too many \
+                             times to be evaluated statically";
 
 /// A template with what static resolution needs.
 struct Template<'a> {
@@ -27,6 +39,8 @@ struct Template<'a> {
     mappings: Option<&'a Node>,
     conditions: HashMap<&'a str, &'a Node>,
     resources: HashMap<&'a str, &'a Node>,
+    /// What is left of [`RESOLVE_BUDGET`].
+    fuel: Cell<u32>,
 }
 
 /// Whether a document is a CloudFormation template.
@@ -69,6 +83,7 @@ pub fn read(file: &str, doc: &Node) -> ReadOutcome {
         mappings: doc.get("Mappings"),
         conditions: entries("Conditions"),
         resources: entries("Resources"),
+        fuel: Cell::new(RESOLVE_BUDGET),
     };
     for (logical_id, resource) in resource_list {
         let Some(resource_type) = resource.get("Type").and_then(Node::as_str) else {
@@ -292,10 +307,40 @@ impl<'a> Template<'a> {
         }
     }
 
+    /// Takes one step of the budget; false when it is spent.
+    fn spend(&self) -> bool {
+        self.spend_n(1)
+    }
+
+    /// Takes `n` steps; false when fewer were left.
+    fn spend_n(&self, n: usize) -> bool {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        let left = self.fuel.get();
+        self.fuel.set(left.saturating_sub(n));
+        left >= n
+    }
+
+    /// A string an intrinsic built, unless it grew past [`MAX_TEXT`] or past what is left of the
+    /// budget, which every [`BYTES_PER_STEP`] bytes of built text take one step of.
+    fn text_value(&self, function: &str, text: String) -> Value {
+        if text.len() > MAX_TEXT {
+            Value::Unknown(format!(
+                "{function} builds a string longer than the {MAX_TEXT} bytes evaluated statically"
+            ))
+        } else if !self.spend_n(text.len() / BYTES_PER_STEP) {
+            Value::Unknown(OUT_OF_BUDGET.into())
+        } else {
+            Value::Str(text)
+        }
+    }
+
     /// Resolves intrinsics in `node` as far as the template alone allows.
     fn resolve(&self, node: &Node, depth: usize) -> Value {
         if depth > MAX_DEPTH {
             return Value::Unknown("intrinsics nested too deeply to resolve".into());
+        }
+        if !self.spend() {
+            return Value::Unknown(OUT_OF_BUDGET.into());
         }
         match &node.value {
             NodeValue::Map(entries) if entries.len() == 1 => {
@@ -338,6 +383,9 @@ impl<'a> Template<'a> {
                     .filter(|v| *v != Value::Absent)
                     .collect(),
             ),
+            NodeValue::Str(s) if !self.spend_n(s.len() / BYTES_PER_STEP) => {
+                Value::Unknown(OUT_OF_BUDGET.into())
+            }
             _ => Value::from_node(node),
         }
     }
@@ -435,9 +483,12 @@ impl<'a> Template<'a> {
                 }
             }
             rest = &after[end + 1..];
+            if result.len() > MAX_TEXT {
+                break;
+            }
         }
         result.push_str(rest);
-        Value::Str(result)
+        self.text_value("Fn::Sub", result)
     }
 
     fn resolve_join(&self, arg: &Node, depth: usize) -> Value {
@@ -455,7 +506,7 @@ impl<'a> Template<'a> {
                         None => return unknown_in("Fn::Join", item),
                     }
                 }
-                Value::Str(parts.join(delimiter))
+                self.text_value("Fn::Join", parts.join(delimiter))
             }
             other => unknown_in("Fn::Join", other),
         }
@@ -561,7 +612,7 @@ impl<'a> Template<'a> {
     }
 
     fn eval_condition(&self, node: &Node, depth: usize) -> Option<bool> {
-        if depth > MAX_DEPTH {
+        if depth > MAX_DEPTH || !self.spend() {
             return None;
         }
         let (key, arg) = node

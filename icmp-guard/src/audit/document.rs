@@ -5,7 +5,9 @@
 //! checked with serde_json because its errors speak JSON ("expected `,` or `}`") where a YAML
 //! parser would talk about flow mappings.
 
-use saphyr::{LoadableYamlNode, MarkedYamlOwned, ScalarOwned, YamlDataOwned};
+use saphyr::{MarkedYamlOwned, ScalarOwned, YamlDataOwned};
+
+use crate::sources::policy::yaml::load_nested;
 
 /// One node of a document, with the 1-based line it starts on.
 #[derive(Clone, Debug, PartialEq)]
@@ -92,7 +94,7 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
             ),
         });
     }
-    let docs = MarkedYamlOwned::load_from_str(text).map_err(|e| SyntaxError {
+    let docs = load_nested::<MarkedYamlOwned>(text).map_err(|e| SyntaxError {
         line: e.marker().line(),
         column: e.marker().col() + 1,
         message: format!("invalid YAML: {}", e.info()),
@@ -239,6 +241,25 @@ mod tests {
         assert_eq!(b.get("Ref").unwrap().as_str(), Some("Param"));
         let c = yaml.get("a").unwrap().get("c").unwrap();
         assert!(matches!(&c.value, NodeValue::Tagged(t, _) if t == "!Foo"));
+    }
+
+    /// Found by review while fuzzing: `- - - …` 40,000 levels deep overflowed the stack
+    /// (`icmp-guard audit` aborted) because the tree was converted and freed recursively.
+    #[test]
+    fn deep_nesting_is_a_syntax_error_not_a_stack_overflow() {
+        let deep = format!("Resources:\n{}x\n", "- ".repeat(40_000));
+        let e = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || parse(&deep).unwrap_err())
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(e.line, 2);
+        assert!(
+            e.message.contains("nest more than 64 levels"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

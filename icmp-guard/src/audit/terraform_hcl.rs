@@ -7,7 +7,7 @@
 //! `dynamic "ingress"` blocks over a known collection. Anything else (`aws_x.y.id`, `data.…`,
 //! `module.…`, other functions, `for` expressions) becomes [`Value::Unknown`] with the reason.
 
-use std::collections::HashMap;
+use std::{cell::Cell, collections::HashMap, rc::Rc};
 
 use hcl_edit::{
     Span,
@@ -23,6 +23,16 @@ use super::{
 };
 
 const MAX_DEPTH: usize = 32;
+/// Steps of evaluation one file may take. Locals can name each other many times over
+/// (`a = [local.b, local.b]`, `b = [local.c, local.c]`, …), so the work is not bounded by the
+/// file's size; past this budget every value still to evaluate is unknown.
+pub const EVAL_BUDGET: u32 = 200_000;
+/// Longest string a template may build.
+pub const MAX_TEXT: usize = 64 * 1024;
+/// Copying text costs a step per this many bytes.
+const BYTES_PER_STEP: usize = 256;
+const OUT_OF_BUDGET: &str =
+    "the expressions refer to each other too many times to be evaluated statically";
 
 /// What one Terraform module (one directory) declares that expressions can refer to.
 #[derive(Debug, Default, Clone)]
@@ -325,6 +335,8 @@ struct Evaluator<'a> {
     scope: &'a ModuleScope,
     /// Iterator variables of `dynamic` blocks.
     bindings: HashMap<String, Value>,
+    /// What is left of [`EVAL_BUDGET`], shared by the copies made for `dynamic` blocks.
+    fuel: Rc<Cell<u32>>,
 }
 
 impl<'a> Evaluator<'a> {
@@ -332,7 +344,26 @@ impl<'a> Evaluator<'a> {
         Evaluator {
             scope,
             bindings: HashMap::new(),
+            fuel: Rc::new(Cell::new(EVAL_BUDGET)),
         }
+    }
+
+    /// A copy of a stored value (a variable, an iterator), paid for by its size: a long default
+    /// named many times would otherwise be copied for free each time.
+    fn copy(&self, v: &Value) -> Value {
+        if self.spend(v.copy_cost(BYTES_PER_STEP)) {
+            v.clone()
+        } else {
+            Value::Unknown(OUT_OF_BUDGET.into())
+        }
+    }
+
+    /// Takes `n` steps of the budget; false when fewer were left.
+    fn spend(&self, n: usize) -> bool {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        let left = self.fuel.get();
+        self.fuel.set(left.saturating_sub(n));
+        left >= n
     }
 
     /// The attributes of a block body as a map (nested blocks are not rule attributes).
@@ -348,6 +379,9 @@ impl<'a> Evaluator<'a> {
         if depth > MAX_DEPTH {
             return Value::Unknown("expression nested too deeply to evaluate".into());
         }
+        if !self.spend(1) {
+            return Value::Unknown(OUT_OF_BUDGET.into());
+        }
         match expr {
             Expression::Null(_) => Value::Null,
             Expression::Bool(b) => Value::Bool(*b.value()),
@@ -357,6 +391,9 @@ impl<'a> Evaluator<'a> {
                     Some(i) => Value::Int(i),
                     None => n.as_f64().map_or(Value::Null, Value::Float),
                 }
+            }
+            Expression::String(s) if !self.spend(s.value().len() / BYTES_PER_STEP) => {
+                Value::Unknown(OUT_OF_BUDGET.into())
             }
             Expression::String(s) => Value::Str(s.value().clone()),
             Expression::Array(items) => {
@@ -380,7 +417,7 @@ impl<'a> Evaluator<'a> {
             Expression::HeredocTemplate(h) => self.eval_template(&h.template, depth),
             Expression::Parenthesis(p) => self.eval(p.inner(), depth + 1),
             Expression::Variable(v) => match self.bindings.get(v.as_str()) {
-                Some(bound) => bound.clone(),
+                Some(bound) => self.copy(bound),
                 None => Value::Unknown(format!("`{}` is known only at plan time", v.as_str())),
             },
             Expression::Traversal(t) => self.eval_traversal(&t.expr, &t.operators, depth),
@@ -459,6 +496,17 @@ impl<'a> Evaluator<'a> {
                     return Value::Unknown("a template directive is not evaluated".into());
                 }
             }
+            if text.len() > MAX_TEXT {
+                break;
+            }
+        }
+        if text.len() > MAX_TEXT {
+            return Value::Unknown(format!(
+                "a string template builds more than the {MAX_TEXT} bytes evaluated statically"
+            ));
+        }
+        if !self.spend(text.len() / BYTES_PER_STEP) {
+            return Value::Unknown(OUT_OF_BUDGET.into());
         }
         Value::Str(text)
     }
@@ -476,9 +524,12 @@ impl<'a> Evaluator<'a> {
         let (mut value, rest) = match base {
             Expression::Variable(root) => match (root.as_str(), attr(0)) {
                 ("var", Some(name)) => (
-                    self.scope.variables.get(name).cloned().unwrap_or_else(|| {
-                        Value::Unknown(format!("var.{name} is not declared in this module"))
-                    }),
+                    match self.scope.variables.get(name) {
+                        Some(v) => self.copy(v),
+                        None => {
+                            Value::Unknown(format!("var.{name} is not declared in this module"))
+                        }
+                    },
                     1,
                 ),
                 ("local", Some(name)) => (
@@ -488,7 +539,9 @@ impl<'a> Evaluator<'a> {
                     },
                     1,
                 ),
-                (root, _) if self.bindings.contains_key(root) => (self.bindings[root].clone(), 0),
+                (root, _) if self.bindings.contains_key(root) => {
+                    (self.copy(&self.bindings[root]), 0)
+                }
                 (root, _) => {
                     let mut what = root.to_string();
                     for name in (0..operators.len()).map_while(attr) {

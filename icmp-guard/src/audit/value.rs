@@ -65,6 +65,21 @@ impl Value {
         }
     }
 
+    /// What copying this value costs, in steps of an evaluation budget: one per node and one
+    /// per `bytes_per_step` bytes of text. Used where an evaluator copies a stored value.
+    pub fn copy_cost(&self, bytes_per_step: usize) -> usize {
+        let text = |s: &str| s.len() / bytes_per_step.max(1);
+        1 + match self {
+            Value::Str(s) | Value::Unknown(s) => text(s),
+            Value::List(items) => items.iter().map(|v| v.copy_cost(bytes_per_step)).sum(),
+            Value::Map(entries) => entries
+                .iter()
+                .map(|(k, v)| text(k) + v.copy_cost(bytes_per_step))
+                .sum(),
+            Value::Null | Value::Bool(_) | Value::Int(_) | Value::Float(_) | Value::Absent => 0,
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Value::Null => "null",

@@ -1,9 +1,19 @@
 //! `icmp-guard probe`: what this kernel supports, found by trying rather than by reading
 //! configuration files (a kernel can list `bpf` in its LSMs and still refuse LSM programs).
+//!
+//! `probe --json` prints [`Report`], a documented schema for scripts (README, "`icmp-guard
+//! probe`"): only objects, arrays, strings, booleans and numbers, every key always present.
+//! Each check is a [`Check`]: `supported` and a `detail` that says what was found or why not.
+//!
+//! Adding a check: add a field to [`Checks`] with its doc comment, fill it in [`collect`], print
+//! it in [`run`], and add its row to the README's key table (`tests/probe.rs` fails until every
+//! key the binary prints is in that table). New keys keep [`SCHEMA_VERSION`]; renaming or
+//! removing one, or changing what it means, bumps it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
+use procfs::process::{MountInfos, Process};
 use serde::Serialize;
 
 use crate::{
@@ -16,108 +26,237 @@ use crate::{
 
 #[derive(clap::Args, Debug)]
 pub struct ProbeArgs {
-    /// Print a JSON object instead of text.
+    /// Print a JSON object instead of text (schema in the README).
     #[arg(long)]
     pub json: bool,
     /// The pin directory whose set to report.
     #[arg(long, default_value = pins::DEFAULT_PIN_DIR)]
-    pub pin_dir: std::path::PathBuf,
-    /// Report nothing; exit 0 only while a pinned set enforces with a live agent renewing its
+    pub pin_dir: PathBuf,
+    /// Print nothing; exit 0 only while a pinned set enforces with a live agent renewing its
     /// lease (a readiness probe).
     #[arg(long)]
     pub enforcing: bool,
 }
 
-#[derive(Debug, Serialize)]
+/// Version of the `--json` schema. Adding keys does not change it.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// `probe --json`.
+#[derive(Clone, Debug, Serialize)]
 pub struct Report {
-    pub kernel: String,
-    pub btf: bool,
-    /// Whether every kernel struct field the programs read was found in BTF.
-    pub kernel_offsets: Result<(), String>,
-    /// Result of actually loading the LSM program.
-    pub lsm_program_loads: Result<(), String>,
-    pub lsm_list: Option<String>,
-    pub cgroup2_mount: Result<String, String>,
-    pub bpffs_mounted: bool,
-    /// The pinned set, if any: its layout, its agent and whether that agent still runs, the
-    /// lease left.
-    pub pinned: pins::Status,
-    /// Where alerts take the caller's SOCK_NONBLOCK/SOCK_CLOEXEC flags from.
-    pub socket_flags: String,
-    pub auto_enforcer: Option<String>,
+    /// [`SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// The running kernel's release, as `uname -r` prints it.
+    pub kernel_release: String,
+    pub checks: Checks,
+    pub enforcer: EnforcerChoice,
+    pub pinned: Pinned,
+}
+
+/// The set pinned at `--pin-dir`, if any.
+#[derive(Clone, Debug, Serialize)]
+pub struct Pinned {
+    /// Where it was looked for.
+    pub pin_dir: String,
+    /// A set is pinned there.
+    pub present: bool,
+    /// Its map layout version (0 when none is pinned).
+    pub layout: u32,
+    /// The pinned hook links: `lsm`, `cgroup`.
+    pub links: Vec<String>,
+    /// The pid of the agent that last renewed its lease (0: none), and whether it still runs.
+    pub agent_pid: u32,
+    pub agent_running: bool,
+    /// The programs decide: a link is pinned and the lease has not lapsed.
+    pub enforcing: bool,
+    /// Milliseconds of lease left, as a string (`unlimited` when it has no expiry).
+    pub lease_left: String,
+}
+
+impl Pinned {
+    fn of(dir: &Path) -> Pinned {
+        let st = pins::status(dir);
+        Pinned {
+            pin_dir: dir.display().to_string(),
+            present: st.pinned,
+            layout: st.layout,
+            links: st.links.clone(),
+            agent_pid: st.agent_pid,
+            agent_running: st.agent_alive,
+            enforcing: st.enforcing(),
+            lease_left: match st.lease_left_ms {
+                u64::MAX => "unlimited".to_string(),
+                ms => format!("{ms} ms"),
+            },
+        }
+    }
+}
+
+/// One thing the kernel or the system does or does not offer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Check {
+    pub supported: bool,
+    /// When supported, what was found (a path, a list); when not, why, and what to do.
+    pub detail: String,
+}
+
+impl Check {
+    fn yes(detail: impl Into<String>) -> Check {
+        Check {
+            supported: true,
+            detail: detail.into(),
+        }
+    }
+
+    fn no(detail: impl Into<String>) -> Check {
+        Check {
+            supported: false,
+            detail: detail.into(),
+        }
+    }
+
+    fn from_result(r: Result<String>) -> Check {
+        match r {
+            Ok(found) => Check::yes(found),
+            Err(e) => Check::no(format!("{e:#}")),
+        }
+    }
+}
+
+/// Every check, one key each.
+#[derive(Clone, Debug, Serialize)]
+pub struct Checks {
+    /// `/sys/kernel/btf/vmlinux` exists: the kernel describes its own types.
+    pub btf: Check,
+    /// Every kernel struct field the programs read was found in BTF.
+    pub kernel_offsets: Check,
+    /// The kernel loaded the BPF LSM program (tried, not guessed).
+    pub lsm_programs: Check,
+    /// `bpf` is among the active LSMs in `/sys/kernel/security/lsm`; detail is that list.
+    pub bpf_lsm_listed: Check,
+    /// A cgroup v2 hierarchy is mounted; detail is its mount point.
+    pub cgroup2: Check,
+    /// A BPF filesystem is mounted; detail is where.
+    pub bpffs: Check,
+    /// Alerts can carry the caller's SOCK_NONBLOCK/SOCK_CLOEXEC flags, read from the registers
+    /// saved at socket(2) entry; detail says how.
+    pub socket_flags: Check,
+}
+
+/// What `run --enforcer auto` would use here.
+#[derive(Clone, Debug, Serialize)]
+pub struct EnforcerChoice {
+    /// `lsm`, `cgroup`, or `none` when neither can run.
+    pub auto_picks: String,
+    /// What the picked enforcer cannot see; empty for `lsm` and `none`.
     pub blind_spots: Vec<String>,
 }
 
 pub fn collect(pin_dir: &Path) -> Report {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+    let kernel_release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
-    let btf = Path::new(kernel_offsets::VMLINUX_BTF).exists();
-    let kernel_offsets = kernel_offsets::from_running_kernel()
-        .map(|_| ())
-        .map_err(|e| format!("{e:#}"));
-    let lsm_program_loads = enforcer::probe_lsm().map_err(|e| format!("{e:#}"));
-    let lsm_list = std::fs::read_to_string("/sys/kernel/security/lsm").ok();
-    let cgroup2_mount = workload::cgroup2_mount()
-        .map(|p| p.display().to_string())
-        .map_err(|e| format!("{e:#}"));
-    let bpffs_mounted = std::fs::read_to_string("/proc/self/mounts")
-        .map(|m| {
-            m.lines()
-                .any(|l| l.split_whitespace().nth(2) == Some("bpf"))
-        })
-        .unwrap_or(false);
+    let btf = if Path::new(kernel_offsets::VMLINUX_BTF).exists() {
+        Check::yes(kernel_offsets::VMLINUX_BTF)
+    } else {
+        Check::no(format!(
+            "{} is missing: the kernel was built without CONFIG_DEBUG_INFO_BTF",
+            kernel_offsets::VMLINUX_BTF
+        ))
+    };
+    let kernel_offsets = Check::from_result(
+        kernel_offsets::from_running_kernel().map(|_| "resolved from BTF".to_string()),
+    );
+    let lsm_programs = Check::from_result(enforcer::probe_lsm().map(|()| "load".to_string()));
+    let bpf_lsm_listed = match std::fs::read_to_string("/sys/kernel/security/lsm") {
+        Ok(list) => {
+            let list = list.trim().to_string();
+            Check {
+                supported: list.split(',').any(|l| l == "bpf"),
+                detail: list,
+            }
+        }
+        Err(e) => Check::no(format!(
+            "cannot read /sys/kernel/security/lsm ({e}); mount securityfs there to see the list"
+        )),
+    };
+    let cgroup2 = Check::from_result(workload::cgroup2_mount().map(|p| p.display().to_string()));
+    let mounts = Process::myself().and_then(|p| p.mountinfo());
+    let bpffs = match &mounts {
+        Ok(m) => bpffs_check(m),
+        Err(e) => Check::no(format!("cannot read /proc/self/mountinfo: {e}")),
+    };
     let socket_flags = match kernel_offsets::from_running_kernel() {
-        Ok(o) if o.syscall_regs == 1 => format!(
-            "from the registers saved at socket(2) entry ({} for the LSM enforcer, the top of \
-             the kernel stack for the cgroup enforcer)",
+        Ok(o) if o.syscall_regs == 1 => Check::yes(format!(
+            "from the registers saved at socket(2) entry: {} for the LSM enforcer, the top of the \
+             kernel stack for the cgroup enforcer",
             if o.task_pt_regs_helper == 1 {
                 "bpf_task_pt_regs"
             } else {
                 "the top of the kernel stack"
             }
+        )),
+        Ok(_) => Check::no(
+            "the saved syscall registers cannot be located on this architecture: alerts say \
+             TypeFlags unknown",
         ),
-        Ok(_) => "unknown: the saved syscall registers cannot be located on this architecture"
-            .to_string(),
-        Err(e) => format!("unknown: {e:#}"),
+        Err(e) => Check::no(format!("{e:#}")),
     };
-    let auto = if lsm_program_loads.is_ok() {
+    let auto = if lsm_programs.supported {
         Some(EnforcerKind::Lsm)
-    } else if cgroup2_mount.is_ok() {
+    } else if cgroup2.supported {
         Some(EnforcerKind::Cgroup)
     } else {
         None
     };
     Report {
-        kernel,
-        btf,
-        kernel_offsets,
-        lsm_program_loads,
-        lsm_list,
-        cgroup2_mount,
-        bpffs_mounted,
-        pinned: pins::status(pin_dir),
-        socket_flags,
-        auto_enforcer: auto.map(|k| k.name().to_string()),
-        blind_spots: auto
-            .map(|k| k.blind_spots().iter().map(|s| s.to_string()).collect())
-            .unwrap_or_default(),
+        schema_version: SCHEMA_VERSION,
+        kernel_release,
+        checks: Checks {
+            btf,
+            kernel_offsets,
+            lsm_programs,
+            bpf_lsm_listed,
+            cgroup2,
+            bpffs,
+            socket_flags,
+        },
+        enforcer: EnforcerChoice {
+            auto_picks: auto.map_or("none", |k| k.name()).to_string(),
+            blind_spots: auto
+                .map(|k| k.blind_spots().iter().map(|s| s.to_string()).collect())
+                .unwrap_or_default(),
+        },
+        pinned: Pinned::of(pin_dir),
+    }
+}
+
+fn bpffs_check(mounts: &MountInfos) -> Check {
+    let points: Vec<String> = mounts
+        .iter()
+        .filter(|m| m.fs_type == "bpf")
+        .map(|m| m.mount_point.display().to_string())
+        .collect();
+    if points.is_empty() {
+        Check::no("not mounted; `run` mounts it on /sys/fs/bpf to pin its programs")
+    } else {
+        Check::yes(points.join(", "))
     }
 }
 
 pub fn run(args: &ProbeArgs) -> Result<()> {
     enforcer::check_root()?;
     if args.enforcing {
-        let st = pins::status(&args.pin_dir);
-        if st.enforcing() && st.agent_alive {
+        let p = Pinned::of(&args.pin_dir);
+        if p.enforcing && p.agent_running {
             return Ok(());
         }
         anyhow::bail!(
             "not enforcing: {}",
-            if !st.pinned {
+            if !p.present {
                 format!("nothing is pinned at {}", args.pin_dir.display())
-            } else if !st.agent_alive {
-                format!("the agent that pinned it (pid {}) is gone", st.agent_pid)
+            } else if !p.agent_running {
+                format!("the agent that pinned it (pid {}) is gone", p.agent_pid)
             } else {
                 "the lease has lapsed".to_string()
             }
@@ -128,37 +267,40 @@ pub fn run(args: &ProbeArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
-    let yes_no = |ok: bool| if ok { "yes" } else { "no" };
-    println!("kernel                 {}", r.kernel);
-    println!("BTF                    {}", yes_no(r.btf));
-    match &r.kernel_offsets {
-        Ok(()) => println!("kernel struct offsets  resolved from BTF"),
-        Err(e) => println!("kernel struct offsets  NOT resolved: {e}"),
-    }
-    match &r.lsm_program_loads {
-        Ok(()) => println!("LSM programs           load"),
-        Err(e) => println!("LSM programs           refused: {e}"),
-    }
-    if let Some(l) = &r.lsm_list {
-        println!("active LSMs            {}", l.trim());
-    }
-    match &r.cgroup2_mount {
-        Ok(p) => println!("cgroup v2              {p}"),
-        Err(e) => println!("cgroup v2              missing: {e}"),
-    }
-    println!(
-        "bpffs                  {}",
-        if r.bpffs_mounted {
-            "mounted"
+    let c = &r.checks;
+    let line = |label: &str, check: &Check, yes: &str, no: &str| {
+        let (word, detail) = if check.supported {
+            (yes, &check.detail)
         } else {
-            "not mounted (`run` mounts it on /sys/fs/bpf to pin)"
+            (no, &check.detail)
+        };
+        if word.is_empty() {
+            println!("{label:<22} {detail}");
+        } else if detail.is_empty() {
+            println!("{label:<22} {word}");
+        } else {
+            println!("{label:<22} {word}: {detail}");
         }
+    };
+    println!("{:<22} {}", "kernel", r.kernel_release);
+    line("BTF", &c.btf, "yes", "no");
+    line(
+        "kernel struct offsets",
+        &c.kernel_offsets,
+        "",
+        "NOT resolved",
     );
+    line("LSM programs", &c.lsm_programs, "", "refused");
+    line("active LSMs", &c.bpf_lsm_listed, "", "");
+    line("cgroup v2", &c.cgroup2, "", "missing");
+    line("bpffs", &c.bpffs, "mounted", "");
+    line("socket type flags", &c.socket_flags, "", "unknown");
     let p = &r.pinned;
-    if p.pinned {
+    if p.present {
         println!(
-            "pinned set             {} (layout {}, links: {}, agent pid {} {}, lease {})",
-            args.pin_dir.display(),
+            "{:<22} {} (layout {}, links: {}, agent pid {} {}, lease {})",
+            "pinned set",
+            p.pin_dir,
             p.layout,
             if p.links.is_empty() {
                 "none".to_string()
@@ -166,28 +308,51 @@ pub fn run(args: &ProbeArgs) -> Result<()> {
                 p.links.join(", ")
             },
             p.agent_pid,
-            if p.agent_alive { "running" } else { "GONE" },
-            match p.lease_left_ms {
-                u64::MAX => "without expiry".to_string(),
-                0 => "lapsed: every socket is allowed".to_string(),
-                ms => format!("{} ms left", ms),
+            if p.agent_running { "running" } else { "GONE" },
+            if p.enforcing {
+                format!("{} left", p.lease_left)
+            } else {
+                "lapsed: every socket is allowed".to_string()
             }
         );
-        if !p.agent_alive {
+        if !p.agent_running {
             println!(
                 "  its agent is gone: start one to adopt it, or `icmp-guard unload` to remove it"
             );
         }
     } else {
-        println!("pinned set             none at {}", args.pin_dir.display());
+        println!("{:<22} none at {}", "pinned set", p.pin_dir);
     }
-    println!("socket type flags      {}", r.socket_flags);
-    match &r.auto_enforcer {
-        Some(k) => println!("--enforcer auto picks  {k}"),
-        None => println!("--enforcer auto picks  nothing: neither LSM nor cgroup v2 is usable"),
+    match r.enforcer.auto_picks.as_str() {
+        "none" => println!(
+            "{:<22} nothing: neither LSM nor cgroup v2 is usable",
+            "--enforcer auto picks"
+        ),
+        k => println!("{:<22} {k}", "--enforcer auto picks"),
     }
-    for b in &r.blind_spots {
+    for b in &r.enforcer.blind_spots {
         println!("  blind spot: {b}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use procfs::FromRead;
+
+    use super::*;
+
+    #[test]
+    fn bpffs_is_found_by_filesystem_type() {
+        let none =
+            MountInfos::from_read("25 1 8:1 / / rw - ext4 /dev/sda1 rw\n".as_bytes()).unwrap();
+        assert!(!bpffs_check(&none).supported);
+        let some = MountInfos::from_read(
+            "25 1 8:1 / / rw - ext4 /dev/sda1 rw\n\
+             40 25 0:40 / /sys/fs/bpf rw,nosuid - bpf bpf rw,mode=700\n"
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(bpffs_check(&some), Check::yes("/sys/fs/bpf"));
+    }
 }

@@ -18,6 +18,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow};
+use procfs::{
+    FromRead,
+    process::{MountInfos, Process},
+};
 
 /// The kernel's view of an executable file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -33,8 +37,9 @@ impl fmt::Display for ExecutableId {
     }
 }
 
-/// Resolves paths as seen from one mount namespace root (the host's `/` for now; a container's
-/// `/proc/PID/root` once pods are workloads).
+/// Resolves paths as seen from one mount namespace: a root to resolve paths under and that
+/// namespace's mount table (the host's `/` and the agent's own mountinfo, or a container's
+/// `/proc/PID/root` and that process's mountinfo).
 pub struct Resolver {
     root: PathBuf,
     /// mount id → kernel dev_t, read once per resolver.
@@ -42,25 +47,37 @@ pub struct Resolver {
 }
 
 impl Resolver {
+    /// The agent's own view: `/` and `/proc/self/mountinfo`.
     pub fn host() -> Result<Self> {
-        Self::new(Path::new("/"), Path::new("/proc/self/mountinfo"))
+        let mountinfo = Process::myself()
+            .and_then(|p| p.mountinfo())
+            .context("reading /proc/self/mountinfo")?;
+        Self::from_mountinfo(Path::new("/"), &mountinfo)
     }
 
-    /// Paths as the process `pid` sees them: through its root, with the devices of its mount
-    /// namespace (a container's overlay has a device of its own).
-    pub fn of_process(pid: u32) -> Result<Self> {
-        Self::new(
-            Path::new(&format!("/proc/{pid}/root")),
-            Path::new(&format!("/proc/{pid}/mountinfo")),
-        )
+    /// The view of process `pid` (a container's, once pods are workloads): paths are resolved
+    /// under `/proc/PID/root` and devices come from `/proc/PID/mountinfo`, because the mount
+    /// ids `statx` reports there are the ones of that process's mount namespace.
+    pub fn for_process(pid: u32) -> Result<Self> {
+        let pid_i32 = i32::try_from(pid).with_context(|| format!("pid {pid} is out of range"))?;
+        let mountinfo = Process::new(pid_i32)
+            .and_then(|p| p.mountinfo())
+            .with_context(|| format!("reading /proc/{pid}/mountinfo"))?;
+        Self::from_mountinfo(Path::new(&format!("/proc/{pid}/root")), &mountinfo)
     }
 
+    /// Paths under `root`, devices from the mountinfo file at `mountinfo`.
     pub fn new(root: &Path, mountinfo: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(mountinfo)
+        let mountinfo = MountInfos::from_file(mountinfo)
             .with_context(|| format!("reading {}", mountinfo.display()))?;
+        Self::from_mountinfo(root, &mountinfo)
+    }
+
+    /// Paths under `root`, devices from an already parsed mount table.
+    pub fn from_mountinfo(root: &Path, mountinfo: &MountInfos) -> Result<Self> {
         Ok(Self {
             root: root.to_path_buf(),
-            mounts: parse_mountinfo(&text),
+            mounts: mount_devices(mountinfo)?,
         })
     }
 
@@ -68,7 +85,11 @@ impl Resolver {
     pub fn resolve(&self, path: &Path) -> io::Result<ExecutableId> {
         let rel = path.strip_prefix("/").unwrap_or(path);
         let full = self.root.join(rel);
-        let (mnt_id, ino) = statx_mount_and_ino(&full)?;
+        self.resolve_full(&full)
+    }
+
+    fn resolve_full(&self, full: &Path) -> io::Result<ExecutableId> {
+        let (mnt_id, ino) = statx_mount_and_ino(full)?;
         let dev = self.mounts.get(&mnt_id).copied().ok_or_else(|| {
             io::Error::other(format!(
                 "{} is on mount {mnt_id}, which is not in mountinfo (mounted after the agent read \
@@ -80,19 +101,32 @@ impl Resolver {
     }
 }
 
-/// mountinfo line: `ID PARENT MAJOR:MINOR ROOT MOUNTPOINT …`.
-fn parse_mountinfo(text: &str) -> HashMap<u64, u64> {
-    text.lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let id = fields.next()?.parse::<u64>().ok()?;
-            let _parent = fields.next()?;
-            let (major, minor) = fields.next()?.split_once(':')?;
-            let major: u64 = major.parse().ok()?;
-            let minor: u64 = minor.parse().ok()?;
-            Some((id, (major << 20) | minor))
+/// mount id → kernel `dev_t` (`major << 20 | minor`), from each mount's `MAJOR:MINOR`, which is
+/// the superblock's device.
+fn mount_devices(mountinfo: &MountInfos) -> Result<HashMap<u64, u64>> {
+    mountinfo
+        .iter()
+        .map(|m| {
+            let id = u64::try_from(m.mnt_id)
+                .map_err(|_| anyhow!("mountinfo has a negative mount id {}", m.mnt_id))?;
+            let dev = kernel_dev(&m.majmin).ok_or_else(|| {
+                anyhow!(
+                    "mountinfo gives mount {id} ({}) the device `{}`, not MAJOR:MINOR",
+                    m.mount_point.display(),
+                    m.majmin
+                )
+            })?;
+            Ok((id, dev))
         })
         .collect()
+}
+
+/// `MAJOR:MINOR` as the kernel's internal `dev_t`.
+fn kernel_dev(majmin: &str) -> Option<u64> {
+    let (major, minor) = majmin.split_once(':')?;
+    let major: u64 = major.parse().ok()?;
+    let minor: u64 = minor.parse().ok()?;
+    (major < (1 << 12) && minor < (1 << 20)).then_some((major << 20) | minor)
 }
 
 fn statx_mount_and_ino(path: &Path) -> io::Result<(u64, u64)> {
@@ -120,11 +154,12 @@ fn statx_mount_and_ino(path: &Path) -> io::Result<(u64, u64)> {
     Ok((stx.stx_mnt_id, stx.stx_ino))
 }
 
-/// The identity of a running process's executable (`/proc/PID/exe`).
+/// The identity of a running process's executable: `/proc/PID/exe` is a link to the very file
+/// the process executes, which `statx` follows whatever mount namespace it lies in, so its mount
+/// id is looked up in that process's own mountinfo.
 pub fn of_process(pid: u32) -> Result<ExecutableId> {
-    let resolver = Resolver::host()?;
-    resolver
-        .resolve(Path::new(&format!("/proc/{pid}/exe")))
+    Resolver::for_process(pid)?
+        .resolve_full(Path::new(&format!("/proc/{pid}/exe")))
         .map_err(|e| anyhow!("resolving /proc/{pid}/exe: {e}"))
 }
 
@@ -132,14 +167,44 @@ pub fn of_process(pid: u32) -> Result<ExecutableId> {
 mod tests {
     use super::*;
 
+    fn parse(text: &str) -> MountInfos {
+        MountInfos::from_read(text.as_bytes()).unwrap()
+    }
+
     #[test]
     fn mountinfo_device_is_encoded_like_the_kernel() {
-        let m = parse_mountinfo(
+        let m = mount_devices(&parse(
             "22 1 259:3 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p3 rw\n\
              40 22 0:37 / /home rw shared:20 - btrfs /dev/sda2 rw\n",
-        );
+        ))
+        .unwrap();
         assert_eq!(m[&22], (259 << 20) | 3);
         assert_eq!(m[&40], 37);
+    }
+
+    #[test]
+    fn a_device_that_is_not_major_minor_is_an_error() {
+        assert_eq!(kernel_dev("8:1"), Some((8 << 20) | 1));
+        assert_eq!(kernel_dev("8"), None);
+        assert_eq!(kernel_dev("8:x"), None);
+        assert_eq!(kernel_dev("4096:0"), None);
+        let e = mount_devices(&parse("22 1 8-1 / / rw - ext4 /dev/sda1 rw\n")).unwrap_err();
+        assert!(e.to_string().contains("not MAJOR:MINOR"), "{e}");
+    }
+
+    #[test]
+    fn a_process_view_resolves_like_the_host_view_in_the_same_namespace() {
+        let me = std::process::id();
+        let host = Resolver::host().unwrap();
+        let mine = Resolver::for_process(me).unwrap();
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(mine.resolve(&exe).unwrap(), host.resolve(&exe).unwrap());
+        assert_eq!(of_process(me).unwrap(), host.resolve(&exe).unwrap());
+        let from_file = Resolver::new(Path::new("/"), Path::new("/proc/self/mountinfo")).unwrap();
+        assert_eq!(
+            from_file.resolve(&exe).unwrap(),
+            host.resolve(&exe).unwrap()
+        );
     }
 
     #[test]

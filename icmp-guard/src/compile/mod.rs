@@ -339,7 +339,9 @@ impl Paths<'_> {
                 .filter_map(|c| c.root_pid)
                 .filter_map(|pid| {
                     let entry = self.containers.entry(pid).or_insert_with(|| {
-                        Resolver::of_process(pid).ok().map(|r| (r, BTreeMap::new()))
+                        Resolver::for_process(pid)
+                            .ok()
+                            .map(|r| (r, BTreeMap::new()))
                     });
                     let (resolver, cache) = entry.as_mut()?;
                     *cache

@@ -12,6 +12,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use procfs::process::{MountInfos, Process};
 
 /// Id of the workload that stands for pods whose cgroup exists but that the agent does not know
 /// yet: the `kubepods` cgroup itself. Until a pod is known, its processes get the default
@@ -92,16 +93,16 @@ impl Workload {
 /// Where the cgroup v2 hierarchy is mounted: `/sys/fs/cgroup` on unified hosts,
 /// `/sys/fs/cgroup/unified` on hybrid ones.
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
-    for line in text.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        if right.split_whitespace().next() == Some("cgroup2")
-            && let Some(mp) = left.split_whitespace().nth(4)
-        {
-            return Ok(PathBuf::from(mp));
-        }
+    let mounts = Process::myself()
+        .and_then(|p| p.mountinfo())
+        .context("reading /proc/self/mountinfo")?;
+    cgroup2_mount_in(&mounts)
+}
+
+/// The first cgroup v2 mount of a mount table.
+pub fn cgroup2_mount_in(mounts: &MountInfos) -> Result<PathBuf> {
+    if let Some(m) = mounts.iter().find(|m| m.fs_type == "cgroup2") {
+        return Ok(m.mount_point.clone());
     }
     bail!(
         "no cgroup v2 hierarchy is mounted; mount one with `mount -t cgroup2 none /sys/fs/cgroup` \
@@ -135,5 +136,33 @@ pub fn cgroup_path(mount: &Path, spec: &Path) -> Result<PathBuf> {
         Ok(spec.to_path_buf())
     } else {
         Ok(mount.join(spec))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use procfs::FromRead;
+
+    use super::*;
+
+    #[test]
+    fn the_cgroup2_mount_is_found_by_filesystem_type() {
+        let hybrid = MountInfos::from_read(
+            "25 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
+             30 25 0:26 / /sys/fs/cgroup ro,nosuid shared:9 - tmpfs tmpfs ro,mode=755\n\
+             31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw\n\
+             32 30 0:28 / /sys/fs/cgroup/cpu rw,nosuid shared:11 - cgroup cgroup rw,cpu\n"
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            cgroup2_mount_in(&hybrid).unwrap(),
+            Path::new("/sys/fs/cgroup/unified")
+        );
+        let v1_only =
+            MountInfos::from_read("25 1 8:1 / / rw shared:1 - ext4 /dev/sda1 rw\n".as_bytes())
+                .unwrap();
+        let e = cgroup2_mount_in(&v1_only).unwrap_err();
+        assert!(e.to_string().contains("mount -t cgroup2"), "{e}");
     }
 }

@@ -76,14 +76,7 @@ pub fn scratch(name: &str) -> PathBuf {
 }
 
 pub fn cgroup2_mount() -> PathBuf {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    for line in text.lines() {
-        let (left, right) = line.split_once(" - ").unwrap();
-        if right.starts_with("cgroup2 ") {
-            return PathBuf::from(left.split_whitespace().nth(4).unwrap());
-        }
-    }
-    panic!("no cgroup v2 mount");
+    icmp_guard::sources::workload::cgroup2_mount().unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// A child cgroup that is removed when dropped.

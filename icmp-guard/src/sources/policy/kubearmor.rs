@@ -41,6 +41,12 @@ pub const KIND_POLICY: &str = "KubeArmorPolicy";
 pub const KIND_HOST_POLICY: &str = "KubeArmorHostPolicy";
 /// KubeArmor's CRD limit on a `fromSource[].path`, in characters.
 pub const MAX_SOURCE_PATH_CHARS: usize = 200;
+/// The error for a policy file with no document in it (empty, or only comments). Such a file is
+/// what a write in progress leaves behind; applying it would drop every rule of the file, so it
+/// is refused like any other broken file (at start, and on hot reload where the old policy stays).
+pub const NO_POLICY: &str = "the file holds no policy (it is empty or only comments); if it is \
+                             being written, this reload is refused and the next one reads it; \
+                             to enforce no policy from it, delete the file";
 /// Namespace of a `KubeArmorPolicy` without `metadata.namespace`, as `kubectl apply` would use.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -345,6 +351,10 @@ fn walk(
 fn parse_stream(text: &str, file: &Path, diag: &mut Diag<'_>, out: &mut Vec<Policy>) {
     match yaml::load_documents(text, file) {
         Ok(docs) => {
+            if docs.iter().all(yaml::is_null) {
+                diag.errors
+                    .push(PolicyError::new(file_origin(file), "", NO_POLICY));
+            }
             for doc in &docs {
                 parse_object(doc, "", diag, out);
             }

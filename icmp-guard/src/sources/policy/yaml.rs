@@ -13,9 +13,13 @@
 //!   icmp-guard that KubeArmor users could never apply.
 //! - Tags such as `!!str` are looked through.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::Path,
+};
 
-use saphyr::{LoadableYamlNode, MarkedYaml, Scalar, YamlData};
+use saphyr::{LoadableYamlNode, MarkedYaml, Scalar, ScanError, YamlData, YamlLoader};
+use saphyr_parser::{Event, Parser, SpannedEventReceiver};
 
 use super::{
     Origin,
@@ -59,10 +63,59 @@ impl<'f> Diag<'f> {
     }
 }
 
+/// How deep mappings and lists may nest in one document. Policies, configs and templates nest
+/// a dozen levels at most; deeper documents are refused because saphyr builds, and Rust frees,
+/// the tree recursively: `- - - …` nests a level every two bytes and overflowed the stack.
+pub(crate) const MAX_NESTING: usize = 64;
+
+/// Every document of a YAML stream, as saphyr's `load_from_str` gives them, but refusing
+/// documents that nest deeper than [`MAX_NESTING`].
+///
+/// The events are fed to saphyr's loader here rather than by `Parser::load`, which recurses once
+/// per level before any limit could apply. What `load` does besides is kept: anchors belong to
+/// one document, so an alias to another document's anchor is an error as it is there.
+pub(crate) fn load_nested<'i, N: LoadableYamlNode<'i>>(text: &'i str) -> Result<Vec<N>, ScanError> {
+    let mut loader = YamlLoader::<N>::default();
+    let mut depth = 0usize;
+    let mut anchors = HashSet::new();
+    for event in Parser::new_from_str(text) {
+        let (ev, span) = event?;
+        match &ev {
+            Event::DocumentStart(_) => anchors.clear(),
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Err(ScanError::new(
+                        span.start,
+                        format!("lists and mappings nest more than {MAX_NESTING} levels deep here"),
+                    ));
+                }
+                anchors.insert(*anchor);
+            }
+            Event::Scalar(_, _, anchor, _) => {
+                anchors.insert(*anchor);
+            }
+            Event::SequenceEnd | Event::MappingEnd => depth = depth.saturating_sub(1),
+            Event::Alias(anchor) if !anchors.contains(anchor) => {
+                return Err(ScanError::new_str(
+                    span.start,
+                    "while parsing node, found unknown anchor",
+                ));
+            }
+            _ => {}
+        }
+        loader.on_event(ev, span);
+        if let Some(e) = loader.error() {
+            return Err(e.clone());
+        }
+    }
+    Ok(loader.into_documents())
+}
+
 /// Parses every document of a YAML stream. A syntax error fails the whole file: saphyr stops at
 /// the first one, and a document after a syntax error cannot be trusted anyway.
 pub(crate) fn load_documents<'i>(text: &'i str, file: &Path) -> Result<Vec<Node<'i>>, PolicyError> {
-    Node::load_from_str(text).map_err(|e| {
+    let mut docs = load_nested::<Node<'i>>(text).map_err(|e| {
         PolicyError::new(
             Origin {
                 file: file.to_path_buf(),
@@ -76,7 +129,31 @@ pub(crate) fn load_documents<'i>(text: &'i str, file: &Path) -> Result<Vec<Node<
                 e.info()
             ),
         )
-    })
+    })?;
+    for doc in &mut docs {
+        give_tagged_values_their_tags_span(doc);
+    }
+    Ok(docs)
+}
+
+/// saphyr gives the value under a tag (`!!str 5`, `!Ref x`) no position of its own (line 0), and
+/// every reader looks through tags ([`plain`]), so an error about such a value would have no
+/// line. The value takes the tag's position instead. (Found by fuzzing.)
+fn give_tagged_values_their_tags_span(node: &mut Node<'_>) {
+    let span = node.span;
+    match &mut node.data {
+        YamlData::Tagged(_, inner) => {
+            if inner.span.start.line() == 0 {
+                inner.span = span;
+            }
+            give_tagged_values_their_tags_span(inner);
+        }
+        YamlData::Sequence(items) => items
+            .iter_mut()
+            .for_each(give_tagged_values_their_tags_span),
+        YamlData::Mapping(m) => m.values_mut().for_each(give_tagged_values_their_tags_span),
+        _ => {}
+    }
 }
 
 /// The node itself, or the node a tag such as `!!str` is attached to.
@@ -451,6 +528,55 @@ mod tests {
         assert!(is_dns_subdomain("a.b-c"));
         assert!(!is_dns_subdomain("a..b"));
         assert!(!is_dns_subdomain("under_score"));
+    }
+
+    #[test]
+    fn nesting_deeper_than_the_limit_is_an_error_at_its_line() {
+        let ok = format!("{}x\n", "- ".repeat(MAX_NESTING));
+        assert!(load_documents(&ok, Path::new("t.yaml")).is_ok());
+        // Deep enough to overflow a 2 MiB stack when built and freed recursively.
+        for (deep, line) in [
+            (format!("a: 1\nb:\n{}x\n", "- ".repeat(50_000)), 3),
+            (
+                format!("a: 1\nb: {}{}\n", "[".repeat(50_000), "]".repeat(50_000)),
+                2,
+            ),
+        ] {
+            let e = std::thread::Builder::new()
+                .stack_size(2 << 20)
+                .spawn(move || load_documents(&deep, Path::new("t.yaml")).unwrap_err())
+                .unwrap()
+                .join()
+                .unwrap();
+            assert_eq!(e.origin.line, line, "{e}");
+            // Flow collections hit the scanner's own limit (255 levels) first.
+            assert!(
+                e.reason.contains("nest more than 64 levels")
+                    || e.reason.contains("recursion limit exceeded"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_alias_to_another_documents_anchor_is_an_error_as_in_saphyr() {
+        assert!(load_documents("a: &x 1\nb: *x\n", Path::new("t.yaml")).is_ok());
+        let e = load_documents("a: &x 1\n---\nb: *x\n", Path::new("t.yaml")).unwrap_err();
+        assert!(e.reason.contains("unknown anchor"), "{e}");
+        assert_eq!(e.origin.line, 3);
+    }
+
+    /// Found by fuzzing (`apiVersion: !Join 256`): the error had line 0.
+    #[test]
+    fn errors_about_tagged_values_have_the_tags_line() {
+        let docs = load_documents("a: 1\nb: !Join 256\nc: !!str x\n", Path::new("t.yaml")).unwrap();
+        let mut d = Diag::new(Path::new("t.yaml"));
+        let m = Map::read(&mut d, &docs[0], "").unwrap();
+        assert_eq!(m.string(&mut d, "b"), None);
+        assert_eq!(d.errors.len(), 1);
+        assert_eq!(d.errors[0].origin.line, 2, "{}", d.errors[0]);
+        assert_eq!(m.string(&mut d, "c").as_deref(), Some("x"));
+        assert_eq!(d.origin(plain(m.get("c").unwrap())).line, 3);
     }
 
     #[test]

@@ -1,0 +1,5 @@
+#![no_main]
+icmp_guard_fuzz::fuzz_target_with_shape!(
+    icmp_guard_fuzz::targets::agent_config,
+    icmp_guard_fuzz::mutate::Shape::Yaml
+);

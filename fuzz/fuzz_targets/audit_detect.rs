@@ -1,0 +1,5 @@
+#![no_main]
+icmp_guard_fuzz::fuzz_target_with_shape!(
+    icmp_guard_fuzz::targets::audit_detect,
+    icmp_guard_fuzz::mutate::Shape::Any
+);
