@@ -60,6 +60,8 @@ pub struct RunArgs {
     /// How often policy files and fromSource paths are checked for changes, in milliseconds.
     #[arg(long, default_value_t = 250)]
     pub refresh_ms: u64,
+    #[command(flatten)]
+    pub serve: crate::outputs::ServeArgs,
 }
 
 /// Everything a policy compilation needs besides the policies themselves.
@@ -299,6 +301,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let set = source.load()?;
     let compiled = compile_with(&set, &env)?;
     report_unresolved(&compiled, matches!(source, PolicySource::Embedded));
+    let listeners = crate::outputs::bind(&args.serve)?;
 
     let offsets = kernel_offsets::from_running_kernel()?;
     let cgroup = match &args.cgroup {
@@ -362,7 +365,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let outputs = Outputs::new(JsonLines::open(&args.output)?);
+        let mut outputs = Outputs::new(JsonLines::open(&args.output)?);
+        listeners.start(&mut outputs, shared.clone()).await?;
         serve(
             shared,
             events,
@@ -624,3 +628,52 @@ async fn refresh(
 
 static RELOADS: AtomicU64 = AtomicU64::new(0);
 static RELOADS_REFUSED: AtomicU64 = AtomicU64::new(0);
+
+/// What the gRPC stream and the metrics read from the running agent.
+impl crate::outputs::AgentView for Shared {
+    fn loss_event(&self, reason: &str, count: u64) -> alert::Alert {
+        let ctx = self.context.read().expect("context lock");
+        ctx.loss_event(reason, count, None, self.limit)
+    }
+
+    fn snapshot(&self) -> crate::outputs::metrics::Snapshot {
+        // The enforcer lock is taken and released before the context lock, as refresh() nests them.
+        let (kind, counters, decisions, suppressed, generation) = {
+            let mut e = self.enforcer.lock().expect("enforcer lock");
+            // A failed read leaves its metrics out of this scrape, and says so.
+            let failed = |what: &str, err: anyhow::Error| {
+                warn!("metrics: reading the kernel's {what} failed: {err:#}");
+            };
+            let counters = e.counters().map_err(|err| failed("counters", err)).ok();
+            let decisions = e
+                .decisions()
+                .map_err(|err| failed("decision counters", err));
+            let suppressed = e
+                .suppressed()
+                .map_err(|err| failed("suppression counts", err));
+            (
+                e.kind,
+                counters,
+                decisions.ok().flatten(),
+                suppressed.unwrap_or_default(),
+                e.active_generation(),
+            )
+        };
+        let ctx = self.context.read().expect("context lock");
+        let name = |w: u32| match ctx.workloads.get(&w) {
+            Some(w) => w.name.clone(),
+            None if w == icmp_guard_common::maps::HOST_WORKLOAD => "host".into(),
+            None => format!("workload {w}"),
+        };
+        crate::outputs::metrics::Snapshot {
+            enforcer: kind.name(),
+            counters,
+            decisions,
+            suppressed: suppressed.into_iter().map(|(w, n)| (name(w), n)).collect(),
+            reloads_applied: RELOADS.load(Ordering::Relaxed),
+            reloads_refused: RELOADS_REFUSED.load(Ordering::Relaxed),
+            rules: ctx.rules[generation as usize & 1].len(),
+            workloads: ctx.workloads.len(),
+        }
+    }
+}

@@ -428,6 +428,16 @@ impl Enforcer {
         })
     }
 
+    /// Decisions per (class, action), for the `icmp_guard_decisions_total` metric.
+    ///
+    /// NOT YET COUNTED BY THE KERNEL: this returns `Ok(None)`, and the metric is left out, until
+    /// the kernel object keeps a per-CPU array indexed `class * 3 + action` (`Action`: Allow 0,
+    /// Audit 1, Block 2). Filling this in (read the array, sum over CPUs, one `DecisionCount` per
+    /// managed class and action) is all the metrics need.
+    pub fn decisions(&mut self) -> Result<Option<Vec<DecisionCount>>> {
+        Ok(None)
+    }
+
     /// Alerts suppressed by the in-kernel rate limit, per workload, since the agent started.
     pub fn suppressed(&mut self) -> Result<StdHashMap<u32, u64>> {
         let h: PerCpuHashMap<&mut MapData, u32, u64> =
@@ -440,6 +450,26 @@ impl Enforcer {
             }
         }
         Ok(out)
+    }
+}
+
+/// Decisions of one (class, action), summed over CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecisionCount {
+    pub class: icmp_guard_common::Class,
+    pub action: icmp_guard_common::maps::Action,
+    pub count: u64,
+}
+
+impl DecisionCount {
+    /// The `action` label of the metric.
+    pub fn action_name(&self) -> &'static str {
+        use icmp_guard_common::maps::Action;
+        match self.action {
+            Action::Allow => "allow",
+            Action::Audit => "audit",
+            Action::Block => "block",
+        }
     }
 }
 
