@@ -694,8 +694,8 @@ fn a_stalled_client_loses_only_its_own_alerts() {
             log.lock()
                 .unwrap()
                 .iter()
-                .any(|l| l.contains(&format!("{stalled_lost} alerts dropped for gRPC client"))),
-            "the agent logs the announced loss"
+                .any(|l| l.contains(&format!("alerts sent, {stalled_lost} lost"))),
+            "the agent logs the client's losses when it leaves"
         );
     }
 }

@@ -37,6 +37,10 @@ pub const DEFAULT_QUEUE: usize = 1000;
 /// A client that never drains its queue still hears about its losses this often.
 pub const ANNOUNCE_WITHIN: Duration = Duration::from_secs(1);
 
+/// A client's losses are logged at most this often (its metrics and announcements are exact);
+/// logging every loss is what made KubeArmor's memory spike (KubeArmor #2721).
+const LOG_LOSSES_EVERY: Duration = Duration::from_secs(10);
+
 /// The three streams of `feeder.LogService`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum StreamKind {
@@ -198,6 +202,7 @@ impl Hub {
             rx,
             announced: 0,
             first_unannounced: None,
+            logged: None,
             finished: false,
         })
     }
@@ -227,7 +232,7 @@ impl Hub {
     }
 
     /// The `SystemEvent` telling one client how many alerts it lost.
-    fn loss_announcement(&self, client: &Client, count: u64) -> EncodedAlert {
+    fn loss_announcement(&self, client: &Client, count: u64, log: bool) -> EncodedAlert {
         let reason = "dropped for this gRPC client, which did not keep up";
         let mut a = self.agent.loss_event(reason, count);
         a.message = format!(
@@ -238,7 +243,16 @@ impl Hub {
         a.event_data.insert("Client".into(), client.id.to_string());
         a.event_data.insert("Peer".into(), client.peer.clone());
         a.event_data.insert("Queue".into(), self.queue.to_string());
-        warn!("{}", a.message);
+        if log {
+            warn!(
+                "gRPC client {} ({}) does not keep up: {} alerts dropped for it so far, each \
+                 announced to it (icmp_guard_grpc_client_alerts_lost_total); other clients and \
+                 the --output file are not affected",
+                client.id,
+                client.peer,
+                client.lost()
+            );
+        }
         EncodedAlert::encode(&proto::Alert::from(&a))
     }
 }
@@ -283,6 +297,7 @@ pub struct Subscription {
     closing: watch::Receiver<bool>,
     announced: u64,
     first_unannounced: Option<Instant>,
+    logged: Option<Instant>,
     finished: bool,
 }
 
@@ -309,7 +324,11 @@ impl Subscription {
                     let count = lost - self.announced;
                     self.announced = lost;
                     self.first_unannounced = None;
-                    return Some(Ok(self.hub.loss_announcement(&self.client, count)));
+                    let log = self.logged.is_none_or(|t| t.elapsed() >= LOG_LOSSES_EVERY);
+                    if log {
+                        self.logged = Some(Instant::now());
+                    }
+                    return Some(Ok(self.hub.loss_announcement(&self.client, count, log)));
                 }
             }
             let Some(rx) = self.rx.as_mut() else {
