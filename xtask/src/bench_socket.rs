@@ -14,14 +14,14 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
+
+use crate::bench_agent::{self, Agent};
 
 #[derive(Debug, Args)]
 pub struct BenchSocketArgs {
@@ -80,76 +80,26 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
-
 fn start_agent(agent: &Path, policy: &Path, config: &Path, cgroup: &Path) -> Result<Agent> {
-    let mut child = Command::new(agent)
-        .args(["run", "--enforcer", "cgroup", "--output", "/dev/null"])
-        .arg("--policy")
-        .arg(policy)
-        .arg("--config")
-        .arg(config)
-        .arg("--cgroup")
-        .arg(cgroup)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting the agent")?;
-    let stderr = child.stderr.take().expect("piped");
-    let mut lines = BufReader::new(stderr).lines();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for line in lines.by_ref() {
-        let line = line?;
-        // icmp_guard::agent::READY (xtask does not link the agent, which builds BPF code).
-        if line.contains("enforcing with") {
-            // Keep draining so the agent never blocks on a full pipe.
-            std::thread::spawn(move || for _ in lines {});
-            return Ok(Agent(child));
-        }
-        if Instant::now() > deadline {
-            break;
-        }
-    }
-    let _ = child.kill();
-    bail!("the agent did not start")
+    let (policy, config) = (policy.to_str().unwrap(), config.to_str().unwrap());
+    Agent::start(
+        agent,
+        cgroup,
+        &[
+            "--output",
+            "/dev/null",
+            "--policy",
+            policy,
+            "--config",
+            config,
+        ],
+    )
 }
 
 pub fn run(args: BenchSocketArgs) -> Result<()> {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("bench-socket loads BPF programs: run it as root");
-    }
-    let root = crate::vm::workspace_root();
-    let agent = match args.agent {
-        Some(a) => a,
-        None => {
-            let st = Command::new(crate::vm::cargo_bin())
-                .args(["build", "--release", "-p", "icmp-guard"])
-                .current_dir(&root)
-                .status()?;
-            if !st.success() {
-                bail!("cargo build --release failed");
-            }
-            root.join("target/release/icmp-guard")
-        }
-    };
-    let mounts = fs::read_to_string("/proc/self/mountinfo")?;
-    let cg2 = mounts
-        .lines()
-        .find_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            right
-                .starts_with("cgroup2 ")
-                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
-        })
-        .context("no cgroup v2 mount")?;
+    bench_agent::require_root("bench-socket")?;
+    let agent = bench_agent::release_agent(args.agent)?;
+    let cg2 = bench_agent::cgroup2_mount()?;
     let cgroup = cg2.join(format!("icmp-guard-bench-{}", std::process::id()));
     fs::create_dir_all(&cgroup)?;
     fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())?;

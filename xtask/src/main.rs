@@ -1,7 +1,9 @@
 //! `cargo xtask <command>`: project automation that is easier to keep correct in
 //! Rust than in shell. One module per subcommand; `main` only dispatches.
 
+mod bench_agent;
 mod bench_audit;
+mod bench_grpc;
 mod bench_socket;
 mod vm;
 
@@ -32,6 +34,12 @@ enum Cmd {
     BenchAudit(bench_audit::BenchAuditArgs),
     /// Time socket() with and without the agent, side by side in one run.
     BenchSocket(bench_socket::BenchSocketArgs),
+    /// Ten gRPC WatchAlerts clients while refusals flood: agent CPU per alert, what each client
+    /// received and was told it lost, socket()-to-client latency.
+    BenchGrpc(bench_grpc::BenchGrpcArgs),
+    /// The flooder bench-grpc runs in its cgroup.
+    #[command(hide = true)]
+    BenchGrpcFlood(bench_grpc::FloodArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +50,8 @@ fn main() -> ExitCode {
         Cmd::VmTest(args) => vm::test::run(args),
         Cmd::BenchAudit(args) => bench_audit::run(args),
         Cmd::BenchSocket(args) => bench_socket::run(args),
+        Cmd::BenchGrpc(args) => bench_grpc::run(args),
+        Cmd::BenchGrpcFlood(args) => bench_grpc::flood(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
