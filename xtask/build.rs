@@ -1,5 +1,6 @@
-//! The feeder.LogService client for `cargo xtask bench-grpc`, generated from the agent's own
-//! `icmp-guard/proto/kubearmor.proto` with protox (no system protoc).
+//! The feeder messages for `cargo xtask bench-grpc`, generated from the agent's own
+//! `icmp-guard/proto/kubearmor.proto` with protox (no system protoc). The benchmark calls
+//! `WatchAlerts` through tonic's generic client.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../icmp-guard/proto");
@@ -8,8 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile([&proto], [&dir])?;
     tonic_prost_build::configure()
         .build_server(false)
-        .build_client(true)
-        .build_transport(true)
+        .build_client(false)
         .compile_fds(fds)?;
     Ok(())
 }
