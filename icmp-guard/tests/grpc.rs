@@ -825,93 +825,62 @@ fn metrics_add_up_to_the_kernel_counters_during_a_flood() {
             && value(&last, "icmp_guard_alerts_written_total", &[]) == json.len() as u64
     });
     let m = &last;
-    assert_eq!(
-        value(
-            m,
-            "icmp_guard_kernel_decisions_total",
-            &[("enforcer", "cgroup")]
-        ),
-        n
-    );
-    assert_eq!(
-        value(
-            m,
-            "icmp_guard_kernel_audited_total",
-            &[("enforcer", "cgroup")]
-        ),
-        0
-    );
-    assert!(
-        value(
-            m,
-            "icmp_guard_alerts_suppressed_total",
-            &[("workload", "host")]
-        ) > 0
-    );
-    assert_eq!(
-        value(
-            m,
-            "icmp_guard_alerts_output_lost_total",
-            &[("output", "jsonl")]
-        ),
-        0
-    );
-    assert_eq!(
-        value(
-            m,
-            "icmp_guard_policy_reloads_total",
-            &[("result", "refused")]
-        ),
-        1
-    );
-    assert_eq!(
-        value(
-            m,
-            "icmp_guard_policy_reloads_total",
-            &[("result", "applied")]
-        ),
-        1
-    );
-    assert!(value(m, "icmp_guard_rules", &[]) >= 1);
-    assert_eq!(value(m, "icmp_guard_workloads", &[]), 0);
-    assert_eq!(
-        value(
-            m,
-            "icmp_guard_build_info",
-            &[("version", env!("CARGO_PKG_VERSION"))]
-        ),
-        1
-    );
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    assert_eq!(
-        value(
-            m,
-            "icmp_guard_kernel_release_info",
-            &[("release", release.trim())]
-        ),
-        1
+    let suppressed = value(
+        m,
+        "icmp_guard_alerts_suppressed_total",
+        &[("workload", "host")],
     );
+    assert!(suppressed > 0);
+    for (name, labels, want) in [
+        (
+            "icmp_guard_kernel_decisions_total",
+            vec![("enforcer", "cgroup")],
+            n,
+        ),
+        (
+            "icmp_guard_kernel_audited_total",
+            vec![("enforcer", "cgroup")],
+            0,
+        ),
+        (
+            "icmp_guard_alerts_output_lost_total",
+            vec![("output", "jsonl")],
+            0,
+        ),
+        (
+            "icmp_guard_policy_reloads_total",
+            vec![("result", "refused")],
+            1,
+        ),
+        (
+            "icmp_guard_policy_reloads_total",
+            vec![("result", "applied")],
+            1,
+        ),
+        ("icmp_guard_workloads", vec![], 0),
+        (
+            "icmp_guard_build_info",
+            vec![("version", env!("CARGO_PKG_VERSION"))],
+            1,
+        ),
+        (
+            "icmp_guard_kernel_release_info",
+            vec![("release", release.trim())],
+            1,
+        ),
+    ] {
+        assert_eq!(value(m, name, &labels), want, "{name}{labels:?}");
+    }
+    assert!(value(m, "icmp_guard_rules", &[]) >= 1);
     // The suppression announcements in the JSON output are the kernel's count.
     let announced: u64 = agent
         .alerts()
         .iter()
         .filter(|a| s(a, "Message").contains("suppressed by the alert rate limit"))
-        .map(|a| {
-            a["EventData"]["Count"]
-                .as_str()
-                .unwrap()
-                .parse::<u64>()
-                .unwrap()
-        })
+        .map(count)
         .sum();
-    assert_eq!(
-        announced,
-        value(
-            m,
-            "icmp_guard_alerts_suppressed_total",
-            &[("workload", "host")]
-        )
-    );
+    assert_eq!(announced, suppressed);
     let log = agent.log.clone();
     agent.stop();
     assert_eq!(stop_counters(&log.lock().unwrap())["blocked"], n);

@@ -52,6 +52,18 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
         .context("no cgroup v2 mount")
 }
 
+/// A host policy that allows `protocol` sockets only from `path`: every other program is
+/// refused with a DefaultPosture alert.
+pub fn host_allow_policy(protocol: &str, path: &Path) -> String {
+    format!(
+        "apiVersion: security.kubearmor.com/v1\nkind: KubeArmorHostPolicy\nmetadata:\n  \
+         name: bench\nspec:\n  nodeSelector:\n    matchLabels:\n      kubernetes.io/os: linux\n  \
+         network:\n    matchProtocols:\n    - protocol: {protocol}\n      fromSource:\n      \
+         - path: {}\n  action: Allow\n",
+        path.display()
+    )
+}
+
 /// A running agent; SIGTERM and wait when dropped.
 pub struct Agent {
     pub child: Child,

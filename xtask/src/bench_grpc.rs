@@ -212,7 +212,7 @@ fn policy(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     let policy = dir.join("policy.yaml");
     fs::write(
         &policy,
-        "apiVersion: security.kubearmor.com/v1\nkind: KubeArmorHostPolicy\nmetadata:\n  name: bench\nspec:\n  nodeSelector:\n    matchLabels:\n      kubernetes.io/os: linux\n  network:\n    matchProtocols:\n    - protocol: raw\n      fromSource:\n      - path: /usr/bin/ping\n  action: Allow\n",
+        bench_agent::host_allow_policy("raw", Path::new("/usr/bin/ping")),
     )?;
     let config = dir.join("config.yaml");
     fs::write(&config, "alertsPerSecond: 0\n")?;

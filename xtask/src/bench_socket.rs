@@ -109,17 +109,11 @@ pub fn run(args: BenchSocketArgs) -> Result<()> {
     let me = fs::canonicalize("/proc/self/exe")?;
     // This process may open raw ICMP sockets; the copy below may not.
     let allow = dir.join("allow.yaml");
-    fs::write(
-        &allow,
-        format!(
-            "apiVersion: security.kubearmor.com/v1\nkind: KubeArmorHostPolicy\nmetadata:\n  name: bench\nspec:\n  nodeSelector:\n    matchLabels:\n      kubernetes.io/os: linux\n  network:\n    matchProtocols:\n    - protocol: icmp\n      fromSource:\n      - path: {}\n  action: Allow\n",
-            me.display()
-        ),
-    )?;
+    fs::write(&allow, bench_agent::host_allow_policy("icmp", &me))?;
     let deny = dir.join("deny.yaml");
     fs::write(
         &deny,
-        "apiVersion: security.kubearmor.com/v1\nkind: KubeArmorHostPolicy\nmetadata:\n  name: bench\nspec:\n  nodeSelector:\n    matchLabels:\n      kubernetes.io/os: linux\n  network:\n    matchProtocols:\n    - protocol: icmp\n      fromSource:\n      - path: /usr/bin/ping\n  action: Allow\n",
+        bench_agent::host_allow_policy("icmp", Path::new("/usr/bin/ping")),
     )?;
     let config = dir.join("config.yaml");
     fs::write(&config, "alertsPerSecond: 1\n")?;

@@ -24,7 +24,11 @@ use prometheus_client::{
 };
 use tokio::sync::oneshot;
 
-use super::{AgentView, grpc::hub::Hub, jsonl};
+use super::{
+    AgentView,
+    grpc::hub::{self, Hub},
+    jsonl,
+};
 use crate::kernel::enforcer::{Counters, DecisionCount};
 
 /// The agent's state as metrics report it, read at each scrape through [`AgentView::snapshot`].
@@ -294,8 +298,6 @@ impl Collector for GrpcCollector {
         )
     }
 }
-
-use super::grpc::hub;
 
 /// Version and kernel, as info metrics.
 #[derive(Debug)]

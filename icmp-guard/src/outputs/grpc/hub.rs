@@ -354,8 +354,8 @@ impl Subscription {
                 _ = self.closing.changed() => continue,
                 e = rx.recv() => match e {
                     Some(e) => return Some(Ok(self.sent(e))),
-                    // The hub holds no sender beyond this client's own, so this is unreachable;
-                    // ending with the status is still right.
+                    // The sender lives in this client's entry as long as this subscription, so
+                    // this does not happen; ending with the status would still be right.
                     None => {
                         self.finished = true;
                         return Some(Err(stopping()));

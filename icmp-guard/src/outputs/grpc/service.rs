@@ -97,14 +97,12 @@ impl LogService for Feeder {
         &self,
         request: Request<RequestMessage>,
     ) -> Result<Response<Self::WatchAlertsStream>, Status> {
-        let filter = &request.get_ref().filter;
-        if filter != "all" && filter != "policy" {
-            return Ok(Response::new(Box::pin(tokio_stream::empty())));
-        }
-        let sub = self
-            .hub
-            .subscribe(StreamKind::Alerts, peer(&request), filter)?;
-        Ok(Response::new(alerts(sub)))
+        Ok(Response::new(
+            match self.open(&request, StreamKind::Alerts, &["all", "policy"])? {
+                Some(sub) => alerts(sub),
+                None => Box::pin(tokio_stream::empty()),
+            },
+        ))
     }
 
     type WatchLogsStream = Streaming<Log>;
@@ -115,13 +113,28 @@ impl LogService for Feeder {
         &self,
         request: Request<RequestMessage>,
     ) -> Result<Response<Self::WatchLogsStream>, Status> {
+        Ok(Response::new(
+            match self.open(&request, StreamKind::Logs, &["all", "system"])? {
+                Some(sub) => idle(sub),
+                None => Box::pin(tokio_stream::empty()),
+            },
+        ))
+    }
+}
+
+impl Feeder {
+    /// A subscription if the request's filter is one of `accepted`; `None` (the stream ends at
+    /// once with OK) otherwise.
+    fn open(
+        &self,
+        request: &Request<RequestMessage>,
+        kind: StreamKind,
+        accepted: &[&str],
+    ) -> Result<Option<Subscription>, Status> {
         let filter = &request.get_ref().filter;
-        if filter != "all" && filter != "system" {
-            return Ok(Response::new(Box::pin(tokio_stream::empty())));
+        if !accepted.contains(&filter.as_str()) {
+            return Ok(None);
         }
-        let sub = self
-            .hub
-            .subscribe(StreamKind::Logs, peer(&request), filter)?;
-        Ok(Response::new(idle(sub)))
+        self.hub.subscribe(kind, peer(request), filter).map(Some)
     }
 }
