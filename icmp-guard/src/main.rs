@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: enforce a policy in the kernel and stream alerts as JSON lines.
-    Run(icmp_guard::agent::RunArgs),
+    Run(Box<icmp_guard::agent::RunArgs>),
     /// Report what this kernel supports and which enforcer `run` would pick.
     Probe(icmp_guard::cli::probe::ProbeArgs),
     /// Audit security-group definitions for EC2-044, inbound ICMP open to the whole internet
@@ -41,7 +41,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => icmp_guard::agent::run(args),
+        Command::Run(args) => icmp_guard::agent::run(*args),
         Command::Probe(args) => icmp_guard::cli::probe::run(&args),
         Command::Unload(args) => icmp_guard::cli::unload::run(&args),
         Command::Audit(args) => return icmp_guard::audit::run(&args),

@@ -1,7 +1,9 @@
 //! `cargo xtask <command>`: project automation that is easier to keep correct in
 //! Rust than in shell. One module per subcommand; `main` only dispatches.
 
+mod bench_agent;
 mod bench_audit;
+mod bench_grpc;
 mod bench_overhead;
 mod cache;
 mod fuzz;
@@ -49,6 +51,12 @@ enum Cmd {
     ImageTest(image::import_test::ImageTestArgs),
     /// Run every fuzz target (fuzz/, libFuzzer) for a bounded time; fail on any crash or hang
     Fuzz(fuzz::FuzzArgs),
+    /// Ten gRPC WatchAlerts clients while refusals flood: agent CPU per alert, what each client
+    /// received and was told it lost, socket()-to-client latency.
+    BenchGrpc(bench_grpc::BenchGrpcArgs),
+    /// The flooder bench-grpc runs in its cgroup.
+    #[command(hide = true)]
+    BenchGrpcFlood(bench_grpc::FloodArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +72,8 @@ fn main() -> ExitCode {
         Cmd::Image(args) => image::run(args),
         Cmd::ImageTest(args) => image::import_test::run(args),
         Cmd::Fuzz(args) => fuzz::run(args),
+        Cmd::BenchGrpc(args) => bench_grpc::run(args),
+        Cmd::BenchGrpcFlood(args) => bench_grpc::flood(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

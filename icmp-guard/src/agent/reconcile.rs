@@ -550,7 +550,9 @@ impl Reconciler {
             }
         };
         let identities = Self::source_identities(&compiled);
-        if compiled == self.last {
+        // A changed policy file is applied even when it compiles to what the kernel holds: the
+        // operator's change is then in force, logged and counted like any other.
+        if compiled == self.last && !files_changed {
             if desired.workloads != self.workloads {
                 // Nothing for the kernel, but alerts name containers by what is known now.
                 shared

@@ -760,6 +760,46 @@ impl Enforcer {
     }
 }
 
+/// Decisions of one (class, outcome), summed over CPUs, for the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecisionCount {
+    pub class: icmp_guard_common::Class,
+    /// Allow: let through without an alert; Audit: let through with one (an Audit rule or
+    /// posture, or a Block in audit mode); Block: refused.
+    pub action: icmp_guard_common::maps::Action,
+    pub count: u64,
+}
+
+impl DecisionCount {
+    /// The `action` label of the metric.
+    pub fn action_name(&self) -> &'static str {
+        use icmp_guard_common::maps::Action;
+        match self.action {
+            Action::Allow => "allow",
+            Action::Audit => "audit",
+            Action::Block => "block",
+        }
+    }
+
+    /// Every (class, outcome) of [`Enforcer::decisions`], as metric samples.
+    pub fn all(decisions: &BTreeMap<Class, [u64; 3]>) -> Vec<DecisionCount> {
+        use icmp_guard_common::maps::Action;
+        decisions
+            .iter()
+            .flat_map(|(class, row)| {
+                [Action::Allow, Action::Audit, Action::Block]
+                    .into_iter()
+                    .zip(row)
+                    .map(|(action, &count)| DecisionCount {
+                        class: *class,
+                        action,
+                        count,
+                    })
+            })
+            .collect()
+    }
+}
+
 /// What brings a kernel map from `held` to `target`: the keys that went, then the entries that
 /// are new or changed.
 #[allow(clippy::type_complexity)]

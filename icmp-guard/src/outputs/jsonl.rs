@@ -18,9 +18,18 @@ use crate::events::alert::Alert;
 /// limit; what does not fit is counted.
 const QUEUE: usize = 4096;
 
+/// What the output has done since start, for the loss accounting and for metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Alerts (system events included) written in full.
+    pub written: AtomicU64,
+    /// Alerts the queue had no room for.
+    pub dropped: AtomicU64,
+}
+
 pub struct JsonLines {
     tx: mpsc::Sender<Arc<Alert>>,
-    dropped: AtomicU64,
+    stats: Arc<Stats>,
     writer: tokio::task::JoinHandle<Result<()>>,
 }
 
@@ -40,6 +49,8 @@ impl JsonLines {
             )
         };
         let (tx, mut rx) = mpsc::channel::<Arc<Alert>>(QUEUE);
+        let stats = Arc::new(Stats::default());
+        let counts = stats.clone();
         let writer = tokio::task::spawn_blocking(move || -> Result<()> {
             while let Some(a) = rx.blocking_recv() {
                 // One write per alert: a reader tailing the file never sees half a line.
@@ -47,19 +58,16 @@ impl JsonLines {
                 line.push(b'\n');
                 out.write_all(&line)?;
                 out.flush()?;
+                counts.written.fetch_add(1, Ordering::Relaxed);
             }
             Ok(())
         });
-        Ok(Self {
-            tx,
-            dropped: AtomicU64::new(0),
-            writer,
-        })
+        Ok(Self { tx, stats, writer })
     }
 
     pub fn offer(&self, alert: Arc<Alert>) {
         if self.tx.try_send(alert).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -69,7 +77,11 @@ impl JsonLines {
     }
 
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.stats.dropped.load(Ordering::Relaxed)
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
     }
 
     pub async fn close(self, timeout: Duration) {
