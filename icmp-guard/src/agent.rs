@@ -15,8 +15,9 @@ use log::{error, info, warn};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
-    compile::{self, Compiled, Postures, identity::Resolver},
+    compile::{self, Compiled, Postures, guard::GuardCompiled, identity::Resolver},
     events::alert,
+    guard::{GuardService, GuardSetup},
     kernel::{
         enforcer::{Counters, Enforcer, EnforcerChoice, Options},
         offsets as kernel_offsets,
@@ -69,6 +70,7 @@ struct Environment {
     postures: Postures,
     alerts_per_sec: u32,
     audit_only: bool,
+    guard: GuardSetup,
 }
 
 /// Where policies come from, and how to tell whether they changed.
@@ -216,7 +218,7 @@ fn environment(config: &AgentConfig, mode: Mode) -> Result<Environment> {
     };
     Ok(Environment {
         workloads,
-        node_labels,
+        node_labels: node_labels.clone(),
         postures: Postures {
             workloads: to_action(config.default_posture),
             host: to_action(config.host_default_posture),
@@ -232,6 +234,11 @@ fn environment(config: &AgentConfig, mode: Mode) -> Result<Environment> {
         },
         alerts_per_sec: config.alerts_per_second,
         audit_only: mode == Mode::Audit,
+        guard: GuardSetup {
+            config: config.guard,
+            node_labels,
+            audit_only: mode == Mode::Audit,
+        },
     })
 }
 
@@ -283,6 +290,9 @@ struct Shared {
     enforcer: Mutex<Enforcer>,
     context: std::sync::RwLock<alert::Context>,
     limit: u32,
+    guard: Arc<GuardService>,
+    /// Each applied policy's guard entries (`None`: the guard is off), for the guard's task.
+    guard_policy: tokio::sync::watch::Sender<(PolicySet, Option<GuardCompiled>)>,
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -299,6 +309,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let set = source.load()?;
     let compiled = compile_with(&set, &env)?;
     report_unresolved(&compiled, matches!(source, PolicySource::Embedded));
+    let guard_compiled = crate::guard::compile(&set, &env.guard)?;
 
     let offsets = kernel_offsets::from_running_kernel()?;
     let cgroup = match &args.cgroup {
@@ -314,6 +325,11 @@ pub fn run(args: RunArgs) -> Result<()> {
     )?;
     enforcer.apply(&compiled)?;
     let generation = enforcer.active_generation();
+    // The guard changes nothing on the network unless a KubeArmorNetworkPolicy asks for it.
+    let guard = match &guard_compiled {
+        Some(c) => Some(crate::guard::start(c, &env.guard.config)?),
+        None => None,
+    };
     info!(
         "{READY} the {} enforcer{}: {} policies, {} kernel rules, {} workloads, mode {:?}",
         enforcer.kind.name(),
@@ -355,8 +371,25 @@ pub fn run(args: RunArgs) -> Result<()> {
         }),
         enforcer: Mutex::new(enforcer),
         limit: env.alerts_per_sec,
+        guard: GuardService::new(
+            guard,
+            guard_compiled.clone(),
+            crate::events::guard::GuardContext {
+                cluster_name: config.cluster_name.clone(),
+                host_name: config.host_name.clone().unwrap_or_else(hostname),
+                boot_to_unix_ns: alert::boot_to_unix_ns(),
+                rules: Default::default(),
+                interfaces: Default::default(),
+                alerts_per_sec: config.guard.alerts_per_second,
+            },
+            env.guard.clone(),
+        ),
+        guard_policy: tokio::sync::watch::channel((set.clone(), guard_compiled)).0,
     });
 
+    if !shared.guard.running() {
+        info!("inbound ICMP guard off: no KubeArmorNetworkPolicy ICMP rule selects this node");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -430,6 +463,37 @@ async fn serve(
         })
     };
 
+    shared.guard.spawn_reader(outputs.clone());
+    let guard_task = {
+        let shared = shared.clone();
+        let outputs = outputs.clone();
+        let mut policy = shared.guard_policy.subscribe();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::guard::INTERFACE_POLL);
+            loop {
+                tokio::select! {
+                    changed = policy.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let compiled = policy.borrow_and_update().1.clone();
+                        shared.guard.apply(compiled, outputs.clone()).await;
+                    }
+                    _ = tick.tick() => {
+                        shared.guard.summarize(&outputs).await;
+                        let set = policy.borrow().0.clone();
+                        if let Some(fresh) = shared.guard.interfaces_changed(&set) {
+                            match fresh {
+                                Ok(c) => shared.guard.apply(c, outputs.clone()).await,
+                                Err(e) => error!("inbound ICMP guard: reading interfaces: {e:#}"),
+                            }
+                        }
+                    }
+                }
+            }
+        })
+    };
+
     let refresher = {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -459,6 +523,10 @@ async fn serve(
     refresher.abort();
     accounting.abort();
     let _ = accounting.await;
+    guard_task.abort();
+    let _ = guard_task.await;
+    // The guard's last summary, then its programs detached.
+    shared.guard.stop(&outputs).await;
     // A last account, so that what was lost just before stopping is still reported.
     announce_losses(&shared, &outputs, &mut *seen.lock().await).await;
     match Arc::try_unwrap(outputs) {
@@ -587,6 +655,14 @@ async fn refresh(
             return;
         }
     };
+    let guard_compiled = match crate::guard::compile(&set, &env.guard) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("policy reload refused, the previous policy stays in force: {e:#}");
+            RELOADS_REFUSED.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
     report_unresolved(&compiled, matches!(source, PolicySource::Embedded));
     let shared2 = shared.clone();
     let c2 = compiled.clone();
@@ -613,6 +689,8 @@ async fn refresh(
             );
             st.identities = source_identities(&compiled);
             st.compiled = compiled;
+            // The guard follows in its own task (attaching takes a moment).
+            shared.guard_policy.send_replace((set, guard_compiled));
         }
         Ok(Err(e)) => {
             RELOADS_REFUSED.fetch_add(1, Ordering::Relaxed);
