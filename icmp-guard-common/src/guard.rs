@@ -16,7 +16,7 @@ pub const MAP_GUARD_SOURCES_V6: &str = "GUARD_SOURCES_V6";
 pub const MAP_GUARD_VERDICTS: &str = "GUARD_VERDICTS";
 pub const MAP_GUARD_FLOWS: &str = "GUARD_FLOWS";
 pub const MAP_GUARD_RATE: &str = "GUARD_RATE";
-pub const MAP_GUARD_ALERT_RATE: &str = "GUARD_ALERT_RATE";
+pub const MAP_GUARD_ALERT_CREDIT: &str = "GUARD_ALERT_CREDIT";
 pub const MAP_GUARD_EPOCH: &str = "GUARD_EPOCH";
 pub const MAP_GUARD_SOURCE_COUNTS: &str = "GUARD_SOURCE_COUNTS";
 pub const MAP_GUARD_SOURCE_OTHER: &str = "GUARD_SOURCE_OTHER";
@@ -67,10 +67,6 @@ pub struct GuardSettings {
     /// `rate_tolerance_ns / rate_interval_ns + 1`. 0 = no limit.
     pub rate_interval_ns: u64,
     pub rate_tolerance_ns: u64,
-    /// Alerts: one per `alert_interval_ns` for the whole guard, bursts likewise; 0 = no
-    /// per-packet alerts (summaries only).
-    pub alert_interval_ns: u64,
-    pub alert_tolerance_ns: u64,
 }
 
 /// LPM key of [`MAP_GUARD_SOURCES_V4`]: `prefix_len` = [`SOURCE_KEY_FIXED_BITS`] + CIDR length.

@@ -85,7 +85,7 @@ fn apply_logged(guard: &mut Guard, compiled: &GuardCompiled) -> Result<()> {
 /// Loads the guard and applies `compiled`: the agent calls this before it announces that it
 /// enforces.
 pub fn start(compiled: &GuardCompiled, config: &GuardConfig) -> Result<Guard> {
-    let mut guard = Guard::load(config.attach)?;
+    let mut guard = Guard::load(config)?;
     guard.load_programs()?;
     apply_logged(&mut guard, compiled)?;
     Ok(guard)

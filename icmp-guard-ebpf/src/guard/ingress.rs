@@ -9,7 +9,10 @@
 //! 6. the verdict of the source's rules for this type and code, else the default posture;
 //!    an Allow is subject to the source's rate.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_ns},
+    maps::lpm_trie::Key,
+};
 use icmp_guard_common::{
     guard::{
         FlowKey, GuardEvent, GuardSettings, ICMP_ANY, SOURCE_KEY_FIXED_BITS, SourceCount,
@@ -22,7 +25,7 @@ use icmp_guard_common::{
 use super::{
     flows::FLOW_TTL,
     maps::{
-        GUARD_ACTIVE, GUARD_ALERT_RATE, GUARD_EPOCH, GUARD_EVENTS, GUARD_FLOWS, GUARD_RATE,
+        GUARD_ACTIVE, GUARD_ALERT_CREDIT, GUARD_EPOCH, GUARD_EVENTS, GUARD_FLOWS, GUARD_RATE,
         GUARD_SETTINGS, GUARD_SOURCE_COUNTS, GUARD_SOURCE_OTHER, GUARD_SOURCES_V4,
         GUARD_SOURCES_V6, GUARD_VERDICTS, count,
     },
@@ -438,7 +441,6 @@ fn deny(
         p,
         hook,
         generation,
-        settings,
         seen,
         why,
         if block { BLOCK } else { AUDIT },
@@ -452,9 +454,6 @@ fn deny(
 #[inline(always)]
 fn count_source(seen: &Seen, dropped: bool) {
     let epoch = GUARD_EPOCH.get(0).copied().unwrap_or(0) & 1;
-    let Some(other) = GUARD_SOURCE_OTHER.get_ptr_mut(epoch) else {
-        return;
-    };
     let add = |c: *mut SourceCount| unsafe {
         if dropped {
             (*c).dropped += 1;
@@ -469,19 +468,23 @@ fn count_source(seen: &Seen, dropped: bool) {
             (*o).audited += 1;
         }
     };
-    if unsafe { (*other).full } != 0 {
-        add_other(other);
-        count(counter::SOURCE_TABLE_FULL);
-        return;
-    }
     let key = SourceCountKey {
         family: seen.family,
         epoch: epoch as u8,
         _pad: [0; 2],
         addr: seen.src,
     };
+    // The common case under a flood: the source is already counted in this epoch.
     if let Some(c) = GUARD_SOURCE_COUNTS.get_ptr_mut(&key) {
         add(c);
+        return;
+    }
+    let Some(other) = GUARD_SOURCE_OTHER.get_ptr_mut(epoch) else {
+        return;
+    };
+    if unsafe { (*other).full } != 0 {
+        add_other(other);
+        count(counter::SOURCE_TABLE_FULL);
         return;
     }
     let first = SourceCount {
@@ -509,31 +512,22 @@ fn alert(
     p: &Pkt,
     hook: u8,
     generation: u32,
-    settings: &GuardSettings,
     seen: &Seen,
     why: u8,
     action: u8,
     rule: u32,
     flags: u8,
 ) {
-    let interval = settings.alert_interval_ns;
-    let Some(state) = GUARD_ALERT_RATE.get_ptr_mut(0) else {
+    let Some(credit) = GUARD_ALERT_CREDIT.get_ptr_mut(0) else {
         return;
     };
-    if interval == 0 {
+    if unsafe { *credit } == 0 {
         count(counter::ALERTS_SUPPRESSED);
         return;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
-    let t = unsafe { *state };
-    let t = if t > now { t } else { now };
-    if t - now > settings.alert_tolerance_ns {
-        count(counter::ALERTS_SUPPRESSED);
-        return;
-    }
-    unsafe { *state = t + interval };
+    unsafe { *credit -= 1 };
     let event = GuardEvent {
-        boot_ns: now,
+        boot_ns: unsafe { bpf_ktime_get_boot_ns() },
         ifindex: p.ifindex,
         rule,
         src: seen.src,

@@ -40,9 +40,11 @@ pub static GUARD_FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(
 pub static GUARD_RATE: LruHashMap<SourceCountKey, u64> =
     LruHashMap::with_max_entries(MAX_RATE_SOURCES, 0);
 
-/// Index 0: GCRA state of the alert rate limit.
+/// Index 0: alerts that may still be sent in this second. The agent refills it once a second to
+/// `alertsPerSecond`, so the drop path reads no clock. Decremented with benign races between
+/// CPUs (a few extra alerts under contention; every packet is counted regardless).
 #[map]
-pub static GUARD_ALERT_RATE: Array<u64> = Array::with_max_entries(1, 0);
+pub static GUARD_ALERT_CREDIT: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Index 0: the summary epoch packets are counted in (0 or 1).
 #[map]

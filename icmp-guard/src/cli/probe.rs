@@ -19,6 +19,21 @@ pub struct ProbeArgs {
     /// Print a JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Interfaces to try the inbound ICMP guard on (repeatable; default: every interface but
+    /// loopback). Trying attaches the guard in native XDP mode and detaches it at once, which
+    /// some NIC drivers answer with a queue reset (a few milliseconds without traffic).
+    #[arg(long = "iface")]
+    pub ifaces: Vec<String>,
+}
+
+/// Whether one interface takes the inbound ICMP guard in native XDP mode.
+#[derive(Debug, Serialize)]
+pub struct GuardInterface {
+    pub name: String,
+    pub mtu: u32,
+    /// `native` or `native-multi-buffer`, or why the driver refused (then `run` uses generic
+    /// XDP).
+    pub native_xdp: Result<String, String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -35,9 +50,46 @@ pub struct Report {
     pub socket_tracepoint: String,
     pub auto_enforcer: Option<String>,
     pub blind_spots: Vec<String>,
+    /// The inbound ICMP guard, per interface; `Err` when the guard could not be tried at all.
+    pub guard: Result<Vec<GuardInterface>, String>,
 }
 
-pub fn collect() -> Report {
+fn probe_guard(names: &[String]) -> Result<Vec<GuardInterface>, String> {
+    let all = crate::sources::interfaces::list().map_err(|e| format!("{e:#}"))?;
+    let chosen: Vec<&crate::sources::interfaces::Interface> = if names.is_empty() {
+        all.iter().filter(|i| !i.loopback).collect()
+    } else {
+        let mut out = Vec::new();
+        for n in names {
+            match all.iter().find(|i| &i.name == n) {
+                Some(i) => out.push(i),
+                None => return Err(format!("no interface named {n}")),
+            }
+        }
+        out
+    };
+    let tried = crate::kernel::guard::probe_native(
+        &chosen.iter().map(|i| i.name.clone()).collect::<Vec<_>>(),
+    )
+    .map_err(|e| format!("{e:#}"))?;
+    Ok(chosen
+        .iter()
+        .map(|i| GuardInterface {
+            name: i.name.clone(),
+            mtu: i.mtu,
+            native_xdp: match tried.get(&i.name) {
+                Some(Ok(crate::kernel::guard::AttachMode::NativeFrags)) => {
+                    Ok("native-multi-buffer".into())
+                }
+                Some(Ok(_)) => Ok("native".into()),
+                Some(Err(e)) => Err(e.clone()),
+                None => Err("not tried".into()),
+            },
+        })
+        .collect())
+}
+
+pub fn collect(ifaces: &[String]) -> Report {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
@@ -91,6 +143,7 @@ pub fn collect() -> Report {
         blind_spots: auto
             .map(|k| k.blind_spots().iter().map(|s| s.to_string()).collect())
             .unwrap_or_default(),
+        guard: probe_guard(ifaces),
     }
 }
 
@@ -106,7 +159,7 @@ fn tracefs_events() -> Option<std::path::PathBuf> {
 
 pub fn run(args: &ProbeArgs) -> Result<()> {
     enforcer::check_root()?;
-    let r = collect();
+    let r = collect(&args.ifaces);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
@@ -144,6 +197,27 @@ pub fn run(args: &ProbeArgs) -> Result<()> {
     }
     for b in &r.blind_spots {
         println!("  blind spot: {b}");
+    }
+    match &r.guard {
+        Ok(list) => {
+            println!("inbound ICMP guard     per interface (native XDP tried, then detached):");
+            for i in list {
+                match &i.native_xdp {
+                    Ok(m) if m == "native" => {
+                        println!("  {:<16} mtu {:<6} native XDP", i.name, i.mtu)
+                    }
+                    Ok(_) => println!(
+                        "  {:<16} mtu {:<6} native XDP (multi-buffer program, for the MTU)",
+                        i.name, i.mtu
+                    ),
+                    Err(e) => println!(
+                        "  {:<16} mtu {:<6} generic XDP (driver refused native: {e})",
+                        i.name, i.mtu
+                    ),
+                }
+            }
+        }
+        Err(e) => println!("inbound ICMP guard     cannot be tried: {e}"),
     }
     Ok(())
 }

@@ -105,16 +105,12 @@ fn gcra(rate: u32, burst: u32) -> (u64, u64) {
 
 pub fn settings(config: &GuardConfig, audit_only: bool) -> GuardSettings {
     let (rate_interval_ns, rate_tolerance_ns) = gcra(config.rate_per_second, config.burst);
-    let (alert_interval_ns, alert_tolerance_ns) =
-        gcra(config.alerts_per_second, config.alerts_per_second);
     GuardSettings {
         audit_only: audit_only as u8,
         posture: config.posture.action() as u8,
         _pad: [0; 6],
         rate_interval_ns,
         rate_tolerance_ns,
-        alert_interval_ns,
-        alert_tolerance_ns,
     }
 }
 

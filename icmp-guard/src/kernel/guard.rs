@@ -38,7 +38,10 @@ use icmp_guard_common::guard::{
 use crate::{
     compile::guard::{GuardCompiled, GuardedInterface},
     kernel::enforcer::short_error,
-    sources::{config::GuardAttach, policy::network::Family},
+    sources::{
+        config::{GuardAttach, GuardConfig},
+        policy::network::Family,
+    },
 };
 
 /// The guard object built by build.rs from `icmp-guard-ebpf/src/guard`.
@@ -100,6 +103,8 @@ pub struct AttachReport {
 pub struct Guard {
     ebpf: Ebpf,
     choice: GuardAttach,
+    /// Alerts per second: the credit the kernel spends, refilled at every summary.
+    alerts_per_second: u32,
     active: Option<u32>,
     last_flip: Option<Instant>,
     attached: BTreeMap<u32, Attachment>,
@@ -137,16 +142,28 @@ fn load_object() -> Result<Ebpf> {
 
 impl Guard {
     /// Loads the object and its maps; attaches nothing until [`Guard::apply`].
-    pub fn load(choice: GuardAttach) -> Result<Self> {
+    pub fn load(config: &GuardConfig) -> Result<Self> {
         crate::kernel::enforcer::check_root()?;
-        Ok(Guard {
+        let mut guard = Guard {
             ebpf: load_object()?,
-            choice,
+            choice: config.attach,
+            alerts_per_second: config.alerts_per_second,
             active: None,
             last_flip: None,
             attached: BTreeMap::new(),
             epoch: 0,
-        })
+        };
+        guard.refill_alerts()?;
+        Ok(guard)
+    }
+
+    /// Gives the kernel this second's alerts to spend.
+    fn refill_alerts(&mut self) -> Result<()> {
+        let credit = self.alerts_per_second as u64;
+        let mut arr: Array<&mut MapData, u64> =
+            Array::try_from(self.map(g::MAP_GUARD_ALERT_CREDIT)?)?;
+        arr.set(0, credit, 0)?;
+        Ok(())
     }
 
     fn map(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
@@ -305,6 +322,12 @@ impl Guard {
     /// interface; an interface that cannot be attached is an error (the policy is in force on
     /// the others).
     pub fn apply(&mut self, compiled: &GuardCompiled) -> Result<Vec<AttachReport>> {
+        self.install(compiled)?;
+        self.follow_interfaces(compiled)
+    }
+
+    /// Writes `compiled` into the inactive generation and flips to it; attaches nothing.
+    pub fn install(&mut self, compiled: &GuardCompiled) -> Result<()> {
         let next = self.active.map_or(0, |g| g ^ 1);
         if let Some(t) = self.last_flip {
             let since = t.elapsed();
@@ -321,7 +344,10 @@ impl Guard {
         active.set(0, next, 0)?;
         self.active = Some(next);
         self.last_flip = Some(Instant::now());
+        Ok(())
+    }
 
+    fn follow_interfaces(&mut self, compiled: &GuardCompiled) -> Result<Vec<AttachReport>> {
         let wanted: BTreeMap<u32, &GuardedInterface> =
             compiled.interfaces.iter().map(|i| (i.ifindex, i)).collect();
         let stale: Vec<u32> = self
@@ -468,6 +494,7 @@ impl Guard {
             epoch.set(0, new, 0)?;
         }
         self.epoch = new;
+        self.refill_alerts()?;
         std::thread::sleep(EPOCH_QUIESCENCE);
         let mut snap = SourceSnapshot::default();
         {
@@ -578,7 +605,10 @@ impl Drop for Guard {
 /// guard (with no policy in its maps, so it passes every packet) and detaching it at once.
 /// Some drivers reset their queues when an XDP program attaches; `probe` says so.
 pub fn probe_native(ifaces: &[String]) -> Result<StdHashMap<String, Result<AttachMode, String>>> {
-    let mut guard = Guard::load(GuardAttach::Native)?;
+    let mut guard = Guard::load(&GuardConfig {
+        attach: GuardAttach::Native,
+        ..GuardConfig::default()
+    })?;
     let mut out = StdHashMap::new();
     for iface in ifaces {
         let mut refused = Vec::new();
