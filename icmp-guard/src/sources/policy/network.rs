@@ -299,25 +299,30 @@ fn parse_ingress(
         }
         Some(_) => parse_ports(&m, diag),
     };
-    // An ICMP match needs a source of its family: ICMP arrives only from IPv4 addresses.
+    // An ICMP match needs a source of its family: ICMP arrives only from IPv4 addresses. A rule
+    // none of whose matches can ever apply is an error; a family without sources, a warning.
     let ports_node = m.get("ports").unwrap_or(m.node());
-    for family in [Family::V4, Family::V6] {
-        let named = icmp.iter().any(|i| i.family == family);
-        let has_source = sources.iter().any(|s| s.family() == family);
-        if named && !has_source && m.get("ports").is_some() {
-            let (want, other) = match family {
-                Family::V4 => ("IPv4", "ICMPv6"),
-                Family::V6 => ("IPv6", "ICMP"),
-            };
-            diag.error(
-                ports_node,
-                &m.field("ports"),
-                format!(
-                    "names {} but from[] has no {want} range, so it could never match; add an \
-                     {want} ipBlock or use {other}",
-                    family.protocol()
-                ),
-            );
+    let has = |f: Family| sources.iter().any(|s| s.family() == f);
+    if m.get("ports").is_some() && !icmp.is_empty() && !icmp.iter().any(|i| has(i.family)) {
+        diag.error(
+            ports_node,
+            &m.field("ports"),
+            "names only ICMP families that from[] has no range of (ICMP needs IPv4 ranges, \
+             ICMPv6 IPv6 ranges), so it could never match; add ipBlocks of that family",
+        );
+    } else if m.get("from").is_some() {
+        for family in [Family::V4, Family::V6] {
+            if icmp.iter().any(|i| i.family == family) && !has(family) {
+                diag.warn(
+                    ports_node,
+                    &m.field("ports"),
+                    format!(
+                        "names {} but from[] has no {} range, so that part matches nothing",
+                        family.protocol(),
+                        if family == Family::V4 { "IPv4" } else { "IPv6" }
+                    ),
+                );
+            }
         }
     }
     if icmp.is_empty() {
