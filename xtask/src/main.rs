@@ -2,6 +2,7 @@
 //! Rust than in shell. One module per subcommand; `main` only dispatches.
 
 mod bench_audit;
+mod bench_guard;
 mod bench_socket;
 mod vm;
 
@@ -32,6 +33,12 @@ enum Cmd {
     BenchAudit(bench_audit::BenchAuditArgs),
     /// Time socket() with and without the agent, side by side in one run.
     BenchSocket(bench_socket::BenchSocketArgs),
+    /// The inbound ICMP guard: cost per verdict path, and receiver CPU and TCP service under an
+    /// ICMP flood against nftables and no filter, side by side in one run.
+    BenchGuard(bench_guard::BenchGuardArgs),
+    /// bench-guard's TCP request/response helper (runs inside its namespaces).
+    #[command(hide = true)]
+    Rr(bench_guard::RrArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +49,8 @@ fn main() -> ExitCode {
         Cmd::VmTest(args) => vm::test::run(args),
         Cmd::BenchAudit(args) => bench_audit::run(args),
         Cmd::BenchSocket(args) => bench_socket::run(args),
+        Cmd::BenchGuard(args) => bench_guard::run(args),
+        Cmd::Rr(args) => bench_guard::rr(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
