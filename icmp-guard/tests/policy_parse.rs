@@ -556,7 +556,7 @@ metadata:
         text,
         1,
         "kind",
-        "is required; set it to KubeArmorPolicy or KubeArmorHostPolicy",
+        "is required; set it to KubeArmorPolicy, KubeArmorHostPolicy or KubeArmorNetworkPolicy",
     );
 }
 
