@@ -897,9 +897,7 @@ fn the_guard_is_off_without_a_network_policy() {
     agent.stop();
 }
 
-#[test]
-fn probe_names_native_xdp_per_interface() {
-    let topo = Topo::new(false);
+fn probe_in(topo: &Topo) -> Value {
     let netns = std::fs::File::open(format!("/run/netns/{}", topo.node.0)).unwrap();
     let fd = netns.as_raw_fd();
     let mut cmd = Command::new(agent_bin());
@@ -920,13 +918,33 @@ fn probe_names_native_xdp_per_interface() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn probe_names_native_xdp_per_interface() {
+    let topo = Topo::new(false);
+    let report = probe_in(&topo);
     let list = report["guard"]["Ok"]
         .as_array()
         .unwrap_or_else(|| panic!("{report}"));
     assert_eq!(list.len(), 1, "only the namespace's veth: {report}");
     assert_eq!(list[0]["name"], topo.node_if.as_str());
     assert_eq!(list[0]["native_xdp"]["Ok"], "native");
+    // A jumbo MTU does not fit one page: native XDP needs the multi-buffer program.
+    in_ns_ok(
+        &topo.peer.0,
+        &["ip", "link", "set", &topo.peer_if, "mtu", "9000"],
+    );
+    in_ns_ok(
+        &topo.node.0,
+        &["ip", "link", "set", &topo.node_if, "mtu", "9000"],
+    );
+    let report = probe_in(&topo);
+    assert_eq!(
+        report["guard"]["Ok"][0]["native_xdp"]["Ok"], "native-multi-buffer",
+        "{report}"
+    );
 }
 
 // Parsing, without the kernel: the same loader as every other policy.
