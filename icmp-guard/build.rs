@@ -1,5 +1,6 @@
-//! Builds the kernel programs (`icmp-guard-ebpf`) for `bpfel-unknown-none` and leaves the object
-//! in OUT_DIR, where `src/kernel/enforcer.rs` embeds it.
+//! Builds the kernel programs (`icmp-guard-ebpf`) for `bpfel-unknown-none` and leaves the objects
+//! in OUT_DIR, where `src/kernel/enforcer.rs` (socket programs) and `src/kernel/guard.rs` (the
+//! inbound ICMP guard) embed them.
 //!
 //! The kernel crate is compiled with Debian's `rustc-web` toolchain (`/usr/bin/rustc`, which ships
 //! a prebuilt `core` for the BPF target in `libstd-rust-web-dev-bpf`) and linked by bpf-linker:
@@ -37,15 +38,21 @@ fn main() -> Result<()> {
         "ICMP_GUARD_BPF_RUSTC",
         "ICMP_GUARD_BPF_CARGO",
         "ICMP_GUARD_PREBUILT_EBPF",
+        "ICMP_GUARD_PREBUILT_GUARD",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let dest = out_dir.join("icmp-guard.bpf.o");
+    let guard_dest = out_dir.join("icmp-guard-guard.bpf.o");
 
     if let Ok(prebuilt) = env::var("ICMP_GUARD_PREBUILT_EBPF") {
         std::fs::copy(&prebuilt, &dest)
             .with_context(|| format!("copying ICMP_GUARD_PREBUILT_EBPF={prebuilt}"))?;
+        let guard = env::var("ICMP_GUARD_PREBUILT_GUARD")
+            .context("ICMP_GUARD_PREBUILT_EBPF is set: set ICMP_GUARD_PREBUILT_GUARD too")?;
+        std::fs::copy(&guard, &guard_dest)
+            .with_context(|| format!("copying ICMP_GUARD_PREBUILT_GUARD={guard}"))?;
         return Ok(());
     }
 
@@ -73,9 +80,11 @@ fn main() -> Result<()> {
     if !status.success() {
         bail!("building icmp-guard-ebpf failed (see above); if a tool is missing, {SETUP_HINT}");
     }
-    let built = target_dir.join("bpfel-unknown-none/release/icmp-guard");
-    std::fs::copy(&built, &dest)
-        .with_context(|| format!("copying {} to {}", built.display(), dest.display()))?;
+    for (bin, to) in [("icmp-guard", &dest), ("icmp-guard-guard", &guard_dest)] {
+        let built = target_dir.join("bpfel-unknown-none/release").join(bin);
+        std::fs::copy(&built, to)
+            .with_context(|| format!("copying {} to {}", built.display(), to.display()))?;
+    }
     Ok(())
 }
 

@@ -20,6 +20,10 @@ packages=(
   llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
   hping3 nmap iputils-ping python3 iproute2 libcap2-bin
   containerd runc podman python3-venv openssl
+  # The inbound ICMP guard's tests and benchmark: trafgen (floods), scapy for Debian's python3
+  # (ICMP errors, neighbour discovery, malformed frames), nftables (the benchmark's
+  # comparison), ethtool (veth offloads in the benchmark).
+  netsniff-ng python3-scapy nftables ethtool
 )
 while read -r p; do
   [ -n "$p" ] && packages+=("$p")

@@ -15,14 +15,14 @@ cargo fmt --all -- --check
 echo "== cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --quiet --workspace --all-targets -- -D warnings
 
-echo "== host tests (unit, parsers, audit, end to end with the cgroup enforcer on $(uname -r), gRPC and metrics with grpcurl and grpcio)"
+echo "== host tests (unit, parsers, audit, end to end with the cgroup enforcer and the XDP guard on $(uname -r), gRPC and metrics with grpcurl and grpcio)"
 cargo test --release --workspace 2>&1 | tee target/host-tests.log
 # A test binary that ran nothing, or skipped anything, is a failure here.
 if grep -E "test result: .* [1-9][0-9]* ignored" target/host-tests.log; then
   echo "test.sh: some tests were ignored" >&2
   exit 1
 fi
-for t in enforcement kubearmor_scenario grpc; do
+for t in enforcement kubearmor_scenario grpc guard; do
   grep -A2 "Running tests/$t.rs" target/host-tests.log | grep -qE "running [1-9]" || {
     echo "test.sh: the $t tests did not run" >&2
     exit 1

@@ -7,6 +7,7 @@
 
 pub mod class;
 pub mod event;
+pub mod guard;
 pub mod maps;
 pub mod offsets;
 

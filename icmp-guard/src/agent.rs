@@ -28,6 +28,12 @@ use crate::{
 };
 use reconcile::{Environment, PolicySource, Reconciler};
 
+use crate::{
+    compile::guard::GuardCompiled,
+    guard::{GuardService, GuardSetup},
+    sources::policy::PolicySet,
+};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
     /// Refuse what the policy blocks.
@@ -154,6 +160,9 @@ pub(crate) struct Shared {
     enforcer: Mutex<Enforcer>,
     context: std::sync::RwLock<alert::Context>,
     limit: u32,
+    guard: Arc<GuardService>,
+    /// Each applied policy's guard entries (`None`: the guard is off), for the guard's task.
+    guard_policy: tokio::sync::watch::Sender<(PolicySet, Option<GuardCompiled>)>,
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -211,8 +220,19 @@ pub fn run(args: RunArgs) -> Result<()> {
         let desired = reconciler.desired().await;
         let compiled = reconciler.compile(&desired)?;
         reconcile::report_unresolved(&compiled, reconciler.embedded());
+        let guard_setup = GuardSetup {
+            config: config.guard,
+            node_labels: desired.node_labels.clone(),
+            audit_only: args.mode == Mode::Audit,
+        };
+        let guard_compiled = crate::guard::compile(&desired.set, &guard_setup)?;
         enforcer.apply(&compiled)?;
         let epoch = enforcer.epoch();
+        // The guard changes nothing on the network unless a KubeArmorNetworkPolicy asks for it.
+        let guard = match &guard_compiled {
+            Some(c) => Some(crate::guard::start(c, &config.guard)?),
+            None => None,
+        };
         info!(
             "{READY} the {} enforcer{}: {} policies, {} kernel rules, {} workloads, mode {:?}",
             enforcer.kind.name(),
@@ -258,7 +278,24 @@ pub fn run(args: RunArgs) -> Result<()> {
             context: std::sync::RwLock::new(context),
             enforcer: Mutex::new(enforcer),
             limit: reconciler.alerts_per_sec(),
+            guard: GuardService::new(
+                guard,
+                guard_compiled.clone(),
+                crate::events::guard::GuardContext {
+                    cluster_name: config.cluster_name.clone(),
+                    host_name: config.host_name.clone().unwrap_or_else(hostname),
+                    boot_to_unix_ns: alert::boot_to_unix_ns(),
+                    rules: Default::default(),
+                    interfaces: Default::default(),
+                    alerts_per_sec: config.guard.alerts_per_second,
+                },
+                guard_setup,
+            ),
+            guard_policy: tokio::sync::watch::channel((desired.set.clone(), guard_compiled)).0,
         });
+        if !shared.guard.running() {
+            info!("inbound ICMP guard off: no KubeArmorNetworkPolicy ICMP rule selects this node");
+        }
         reconciler.applied(compiled, desired.workloads);
         let mut outputs = Outputs::new(JsonLines::open(&args.output)?);
         listeners.start(&mut outputs, shared.clone()).await?;
@@ -328,6 +365,37 @@ async fn serve(
         })
     };
 
+    shared.guard.spawn_reader(outputs.clone());
+    let guard_task = {
+        let shared = shared.clone();
+        let outputs = outputs.clone();
+        let mut policy = shared.guard_policy.subscribe();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::guard::INTERFACE_POLL);
+            loop {
+                tokio::select! {
+                    changed = policy.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let compiled = policy.borrow_and_update().1.clone();
+                        shared.guard.apply(compiled, outputs.clone()).await;
+                    }
+                    _ = tick.tick() => {
+                        shared.guard.summarize(&outputs).await;
+                        let set = policy.borrow().0.clone();
+                        if let Some(fresh) = shared.guard.interfaces_changed(&set) {
+                            match fresh {
+                                Ok(c) => shared.guard.apply(c, outputs.clone()).await,
+                                Err(e) => error!("inbound ICMP guard: reading interfaces: {e:#}"),
+                            }
+                        }
+                    }
+                }
+            }
+        })
+    };
+
     let refresher = tokio::spawn(reconcile::run(
         reconciler,
         shared.clone(),
@@ -354,6 +422,11 @@ async fn serve(
     refresher.abort();
     accounting.abort();
     let _ = accounting.await;
+    guard_task.abort();
+    let _ = guard_task.await;
+    // The guard's last summary, then its programs detached: the guard is not pinned, and a
+    // stopped agent changes nothing on the network.
+    shared.guard.stop(&outputs).await;
     // A last account, so that what was lost just before stopping is still reported.
     announce_losses(&shared, &outputs, &mut *seen.lock().await).await;
     match Arc::try_unwrap(outputs) {

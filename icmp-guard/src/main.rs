@@ -33,6 +33,9 @@ enum Command {
     /// Open one socket and report the result (the raw-socket probe `test` runs).
     #[command(hide = true)]
     ProbeSocket { kind: String },
+    /// The inbound ICMP guard's cost per verdict path (`cargo xtask bench-guard` runs it).
+    #[command(hide = true)]
+    GuardBench(icmp_guard::cli::guard_bench::GuardBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
             Ok(false) => return ExitCode::from(1),
             Err(e) => Err(e),
         },
+        Command::GuardBench(args) => icmp_guard::cli::guard_bench::run(&args),
         Command::ProbeSocket { kind } => match icmp_guard::cli::simulation::probe_socket(&kind) {
             Ok(true) => return ExitCode::SUCCESS,
             Ok(false) => return ExitCode::from(1),

@@ -7,7 +7,7 @@ use std::{
 };
 
 use icmp_guard::sources::{
-    config::{self, AgentConfig, Posture, PostureScope, WorkloadSpec},
+    config::{self, AgentConfig, GuardAttach, GuardConfig, Posture, PostureScope, WorkloadSpec},
     policy::{
         Action, LabelExpression, LabelOperator, Origin, Policy, Rule, Selector, Target,
         kubearmor::{self, PolicyError, PolicyErrors},
@@ -556,7 +556,7 @@ metadata:
         text,
         1,
         "kind",
-        "is required; set it to KubeArmorPolicy or KubeArmorHostPolicy",
+        "is required; set it to KubeArmorPolicy, KubeArmorHostPolicy or KubeArmorNetworkPolicy",
     );
 }
 
@@ -1158,6 +1158,7 @@ fn config_example_parses() {
                 container: Some("nginx".into()),
                 origin: origin(&file, nginx_line),
             }],
+            guard: GuardConfig::default(),
             origin: c.origin.clone(),
         }
     );
@@ -1203,6 +1204,13 @@ fn config_with_every_key_set() {
                     origin: origin(&file, 23),
                 },
             ],
+            guard: GuardConfig {
+                posture: Posture::Audit,
+                rate_per_second: 50,
+                burst: 5,
+                alerts_per_second: 0,
+                attach: GuardAttach::Tc,
+            },
             origin: origin(&file, 2),
         }
     );

@@ -4,6 +4,7 @@
 mod bench_agent;
 mod bench_audit;
 mod bench_grpc;
+mod bench_guard;
 mod bench_overhead;
 mod cache;
 mod fuzz;
@@ -57,6 +58,12 @@ enum Cmd {
     /// The flooder bench-grpc runs in its cgroup.
     #[command(hide = true)]
     BenchGrpcFlood(bench_grpc::FloodArgs),
+    /// The inbound ICMP guard: cost per verdict path, and receiver CPU and TCP service under an
+    /// ICMP flood against nftables and no filter, side by side in one run.
+    BenchGuard(bench_guard::BenchGuardArgs),
+    /// bench-guard's TCP request/response helper (runs inside its namespaces).
+    #[command(hide = true)]
+    Rr(bench_guard::RrArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +81,8 @@ fn main() -> ExitCode {
         Cmd::Fuzz(args) => fuzz::run(args),
         Cmd::BenchGrpc(args) => bench_grpc::run(args),
         Cmd::BenchGrpcFlood(args) => bench_grpc::flood(args),
+        Cmd::BenchGuard(args) => bench_guard::run(args),
+        Cmd::Rr(args) => bench_guard::rr(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -549,6 +549,14 @@ impl Reconciler {
                 return;
             }
         };
+        let guard = match crate::guard::compile(&desired.set, shared.guard.setup()) {
+            Ok(g) => g,
+            Err(e) => {
+                error!("policy reload refused, the previous policy stays in force: {e:#}");
+                RELOADS_REFUSED.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
         let identities = Self::source_identities(&compiled);
         // A changed policy file is applied even when it compiles to what the kernel holds: the
         // operator's change is then in force, logged and counted like any other.
@@ -584,6 +592,10 @@ impl Reconciler {
                     desired.workloads.len()
                 );
                 self.applied(compiled, desired.workloads);
+                // The guard follows in its own task (attaching takes a moment).
+                if shared.guard_policy.borrow().1 != guard {
+                    shared.guard_policy.send_replace((desired.set, guard));
+                }
             }
             Err(e) => {
                 RELOADS_REFUSED.fetch_add(1, Ordering::Relaxed);

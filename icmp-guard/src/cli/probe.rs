@@ -36,6 +36,12 @@ pub struct ProbeArgs {
     /// lease (a readiness probe).
     #[arg(long)]
     pub enforcing: bool,
+    /// Try the inbound ICMP guard's native XDP on these interfaces (repeatable), or on every
+    /// interface but loopback with `--iface all`. Trying attaches the guard and detaches it at
+    /// once, which some NIC drivers answer with a queue reset (a few milliseconds without
+    /// traffic): nothing is tried unless asked.
+    #[arg(long = "iface")]
+    pub ifaces: Vec<String>,
 }
 
 /// Version of the `--json` schema. Adding keys does not change it.
@@ -51,6 +57,7 @@ pub struct Report {
     pub checks: Checks,
     pub enforcer: EnforcerChoice,
     pub pinned: Pinned,
+    pub guard: Guard,
 }
 
 /// The set pinned at `--pin-dir`, if any.
@@ -152,7 +159,90 @@ pub struct EnforcerChoice {
     pub blind_spots: Vec<String>,
 }
 
-pub fn collect(pin_dir: &Path) -> Report {
+/// Whether interfaces take the inbound ICMP guard in native XDP mode.
+#[derive(Clone, Debug, Serialize)]
+pub struct Guard {
+    /// Interfaces were tried (`--iface`); when false, `detail` says how to ask.
+    pub tried: bool,
+    pub detail: String,
+    pub interfaces: Vec<GuardInterface>,
+}
+
+/// One interface: native XDP, or why not (then `run` uses generic XDP).
+#[derive(Clone, Debug, Serialize)]
+pub struct GuardInterface {
+    pub name: String,
+    pub mtu: u32,
+    pub native_xdp: bool,
+    /// `native`, `native, multi-buffer program (for the MTU)`, or the driver's refusal.
+    pub detail: String,
+}
+
+fn probe_guard(names: &[String]) -> Guard {
+    if names.is_empty() {
+        return Guard {
+            tried: false,
+            detail: "not tried: pass --iface NAME (or --iface all) to try native XDP".into(),
+            interfaces: Vec::new(),
+        };
+    }
+    let tried = (|| -> Result<Vec<GuardInterface>> {
+        let all = crate::sources::interfaces::list()?;
+        let chosen: Vec<&crate::sources::interfaces::Interface> =
+            if names.iter().any(|n| n == "all") {
+                all.iter().filter(|i| !i.loopback).collect()
+            } else {
+                let mut out = Vec::new();
+                for n in names {
+                    match all.iter().find(|i| &i.name == n) {
+                        Some(i) => out.push(i),
+                        None => anyhow::bail!("no interface named {n}"),
+                    }
+                }
+                out
+            };
+        let modes = crate::kernel::guard::probe_native(
+            &chosen.iter().map(|i| i.name.clone()).collect::<Vec<_>>(),
+        )?;
+        Ok(chosen
+            .iter()
+            .map(|i| {
+                let (native_xdp, detail) = match modes.get(&i.name) {
+                    Some(Ok(crate::kernel::guard::AttachMode::NativeFrags)) => (
+                        true,
+                        "native, multi-buffer program (for the MTU)".to_string(),
+                    ),
+                    Some(Ok(_)) => (true, "native".to_string()),
+                    Some(Err(e)) => (
+                        false,
+                        format!("generic XDP: the driver refused native ({e})"),
+                    ),
+                    None => (false, "not tried".to_string()),
+                };
+                GuardInterface {
+                    name: i.name.clone(),
+                    mtu: i.mtu,
+                    native_xdp,
+                    detail,
+                }
+            })
+            .collect())
+    })();
+    match tried {
+        Ok(interfaces) => Guard {
+            tried: true,
+            detail: "native XDP tried, then detached".into(),
+            interfaces,
+        },
+        Err(e) => Guard {
+            tried: false,
+            detail: format!("cannot be tried: {e:#}"),
+            interfaces: Vec::new(),
+        },
+    }
+}
+
+pub fn collect(pin_dir: &Path, ifaces: &[String]) -> Report {
     let kernel_release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
@@ -228,6 +318,7 @@ pub fn collect(pin_dir: &Path) -> Report {
                 .unwrap_or_default(),
         },
         pinned: Pinned::of(pin_dir),
+        guard: probe_guard(ifaces),
     }
 }
 
@@ -262,7 +353,7 @@ pub fn run(args: &ProbeArgs) -> Result<()> {
             }
         );
     }
-    let r = collect(&args.pin_dir);
+    let r = collect(&args.pin_dir, &args.ifaces);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
@@ -332,6 +423,17 @@ pub fn run(args: &ProbeArgs) -> Result<()> {
     }
     for b in &r.enforcer.blind_spots {
         println!("  blind spot: {b}");
+    }
+    if r.guard.tried {
+        println!(
+            "{:<22} per interface ({}):",
+            "inbound ICMP guard", r.guard.detail
+        );
+        for i in &r.guard.interfaces {
+            println!("  {:<16} mtu {:<6} {}", i.name, i.mtu, i.detail);
+        }
+    } else {
+        println!("{:<22} {}", "inbound ICMP guard", r.guard.detail);
     }
     Ok(())
 }

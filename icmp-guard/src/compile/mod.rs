@@ -18,6 +18,7 @@ use icmp_guard_common::{
     },
 };
 
+pub mod guard;
 pub mod identity;
 
 use crate::sources::{
@@ -438,7 +439,10 @@ mod tests {
     }
 
     fn compile_one(policies: Vec<Policy>, postures: &Postures) -> Compiled {
-        let set = PolicySet { policies };
+        let set = PolicySet {
+            policies,
+            network: Vec::new(),
+        };
         let workloads = [nginx()];
         compile(
             &Input {

@@ -13,6 +13,12 @@
 //! namespaces:                         # per-namespace posture, as KubeArmor's
 //!   payments:                         # kubearmor-network-posture annotation
 //!     networkPosture: audit
+//! guard:                              # the inbound ICMP guard (KubeArmorNetworkPolicy)
+//!   posture: block                    # block | audit; default block
+//!   ratePerSecond: 100                # ICMP packets per second per allowed source; 0 = no limit
+//!   burst: 200                        # packets a source may send at once; default 200
+//!   alertsPerSecond: 10               # per-packet alerts; 0 = summaries only; default 10
+//!   attach: auto                      # auto | native | generic | tc; default auto
 //! workloads:
 //!   - name: nginx
 //!     cgroup: system.slice/nginx.service   # relative to the cgroup v2 mount, or absolute under it
@@ -111,6 +117,8 @@ pub struct AgentConfig {
     pub alerts_per_second: u32,
     /// `workloads`: the cgroups that are workloads, in file order.
     pub workloads: Vec<WorkloadSpec>,
+    /// `guard`: the inbound ICMP guard's posture, rate limit, alert rate and attach mode.
+    pub guard: GuardConfig,
     /// The file, and the line where its content starts; line 0 for defaults.
     pub origin: Origin,
 }
@@ -134,7 +142,64 @@ impl Default for AgentConfig {
             posture_scope: PostureScope::Protocol,
             alerts_per_second: DEFAULT_ALERTS_PER_SECOND,
             workloads: Vec::new(),
+            guard: GuardConfig::default(),
             origin: Origin::default(),
+        }
+    }
+}
+
+/// How the guard hooks into an interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum GuardAttach {
+    /// Native XDP where the driver has it, else generic XDP, else TC ingress (and say which).
+    #[default]
+    Auto,
+    /// Native XDP only; an interface whose driver lacks it is an error.
+    Native,
+    /// Generic (skb) XDP.
+    Generic,
+    /// TC ingress.
+    Tc,
+}
+
+impl GuardAttach {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            GuardAttach::Auto => "auto",
+            GuardAttach::Native => "native",
+            GuardAttach::Generic => "generic",
+            GuardAttach::Tc => "tc",
+        }
+    }
+}
+
+/// The `guard:` section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuardConfig {
+    /// What ICMP gets that no Allow rule lets in, on an interface and family that has Allow rules;
+    /// also what over-rate, fragmented and malformed ICMP gets.
+    pub posture: Posture,
+    /// ICMP packets per second per allowed source; 0 = no limit.
+    pub rate_per_second: u32,
+    /// Packets a source may send at once before the rate applies (at least 1).
+    pub burst: u32,
+    /// Per-packet alerts per second for the whole guard; 0 = only the per-second summaries.
+    pub alerts_per_second: u32,
+    pub attach: GuardAttach,
+}
+
+pub const DEFAULT_GUARD_RATE: u32 = 100;
+pub const DEFAULT_GUARD_BURST: u32 = 200;
+pub const DEFAULT_GUARD_ALERTS_PER_SECOND: u32 = 10;
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        GuardConfig {
+            posture: Posture::Block,
+            rate_per_second: DEFAULT_GUARD_RATE,
+            burst: DEFAULT_GUARD_BURST,
+            alerts_per_second: DEFAULT_GUARD_ALERTS_PER_SECOND,
+            attach: GuardAttach::Auto,
         }
     }
 }
@@ -157,7 +222,7 @@ pub struct WorkloadSpec {
     pub origin: Origin,
 }
 
-const TOP_KEYS: [&str; 9] = [
+const TOP_KEYS: [&str; 10] = [
     "clusterName",
     "hostName",
     "nodeLabels",
@@ -167,6 +232,7 @@ const TOP_KEYS: [&str; 9] = [
     "postureScope",
     "alertsPerSecond",
     "workloads",
+    "guard",
 ];
 
 const WORKLOAD_KEYS: [&str; 6] = ["name", "cgroup", "namespace", "labels", "pod", "container"];
@@ -293,6 +359,61 @@ fn read_config(doc: &Node<'_>, config: &mut AgentConfig, diag: &mut Diag<'_>) {
     }
     if let Some(items) = m.sequence(diag, "workloads") {
         config.workloads = workloads(items, &m.field("workloads"), diag);
+    }
+    if let Some(node) = m.get("guard") {
+        guard(node, &m.field("guard"), &mut config.guard, diag);
+    }
+}
+
+fn guard(node: &Node<'_>, path: &str, out: &mut GuardConfig, diag: &mut Diag<'_>) {
+    let Some(m) = Map::read(diag, node, path) else {
+        return;
+    };
+    m.reject_unknown(
+        diag,
+        &[
+            "posture",
+            "ratePerSecond",
+            "burst",
+            "alertsPerSecond",
+            "attach",
+        ],
+    );
+    if let Some(p) = posture(&m, "posture", diag) {
+        out.posture = p;
+    }
+    let number = |key: &str, min: u32, slot: &mut u32, diag: &mut Diag<'_>| {
+        if let Some(n) = m.integer(diag, key) {
+            match u32::try_from(n) {
+                Ok(n) if n >= min => *slot = n,
+                _ => error_at(
+                    diag,
+                    &m,
+                    key,
+                    &format!("must be between {min} and {}, found {n}", u32::MAX),
+                ),
+            }
+        }
+    };
+    number("ratePerSecond", 0, &mut out.rate_per_second, diag);
+    number("burst", 1, &mut out.burst, diag);
+    number("alertsPerSecond", 0, &mut out.alerts_per_second, diag);
+    if let Some(s) = m.string(diag, "attach") {
+        out.attach = match s.as_str() {
+            "auto" => GuardAttach::Auto,
+            "native" => GuardAttach::Native,
+            "generic" => GuardAttach::Generic,
+            "tc" => GuardAttach::Tc,
+            other => {
+                error_at(
+                    diag,
+                    &m,
+                    "attach",
+                    &format!("must be auto, native, generic or tc, found `{other}`"),
+                );
+                return;
+            }
+        };
     }
 }
 

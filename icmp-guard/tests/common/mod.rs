@@ -174,6 +174,12 @@ pub struct AgentSpec<'a> {
 
 impl Agent {
     pub fn start(spec: AgentSpec) -> Agent {
+        Agent::start_with(spec, |_| {})
+    }
+
+    /// As [`Agent::start`], with `prepare` adjusting the command first (e.g. to enter a network
+    /// namespace).
+    pub fn start_with(spec: AgentSpec, prepare: impl FnOnce(&mut Command)) -> Agent {
         require_root();
         let dir = scratch("agent");
         let alerts = dir.join("alerts.jsonl");
@@ -201,6 +207,7 @@ impl Agent {
         if let Some(p) = &own_pins {
             cmd.arg("--pin-dir").arg(p);
         }
+        prepare(&mut cmd);
         let spawned =
             icmp_guard::agent::spawn_until_ready(cmd, Duration::from_secs(90), Some("[agent]"))
                 .unwrap_or_else(|e| panic!("{e:#}"));

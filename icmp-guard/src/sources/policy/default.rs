@@ -121,5 +121,6 @@ pub fn policy_set() -> PolicySet {
             rules,
             origin: origin(),
         }],
+        network: Vec::new(),
     }
 }

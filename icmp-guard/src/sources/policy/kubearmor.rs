@@ -39,6 +39,9 @@ pub const API_VERSION: &str = "security.kubearmor.com/v1";
 pub const KIND_POLICY: &str = "KubeArmorPolicy";
 /// Cluster-scoped policy for the hosts its `spec.nodeSelector` picks.
 pub const KIND_HOST_POLICY: &str = "KubeArmorHostPolicy";
+/// Cluster-scoped ingress/egress firewall rules for the nodes its `spec.nodeSelector` picks; its
+/// ICMP and ICMPv6 ingress rules are enforced by the inbound guard (see [`super::network`]).
+pub const KIND_NETWORK_POLICY: &str = "KubeArmorNetworkPolicy";
 /// KubeArmor's CRD limit on a `fromSource[].path`, in characters.
 pub const MAX_SOURCE_PATH_CHARS: usize = 200;
 /// The error for a policy file with no document in it (empty, or only comments). Such a file is
@@ -155,7 +158,7 @@ pub fn load(path: &Path) -> Result<Loaded, PolicyErrors> {
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
     let files = policy_files(path, &mut errors, &mut warnings);
-    let mut policies = Vec::new();
+    let mut policies = PolicySet::default();
     for file in &files {
         match fs::read_to_string(file) {
             Ok(text) => {
@@ -182,7 +185,7 @@ pub fn load(path: &Path) -> Result<Loaded, PolicyErrors> {
 /// As [`load`], for this text alone.
 pub fn parse_str(text: &str, file: &Path) -> Result<Loaded, PolicyErrors> {
     let mut diag = Diag::new(file);
-    let mut policies = Vec::new();
+    let mut policies = PolicySet::default();
     parse_stream(text, file, &mut diag, &mut policies);
     finish(policies, diag.errors, diag.warnings)
 }
@@ -195,16 +198,13 @@ fn file_origin(file: &Path) -> Origin {
 }
 
 fn finish(
-    policies: Vec<Policy>,
+    set: PolicySet,
     mut errors: Vec<PolicyError>,
     warnings: Vec<PolicyWarning>,
 ) -> Result<Loaded, PolicyErrors> {
-    errors.extend(duplicates(&policies));
+    errors.extend(duplicates(&set));
     if errors.is_empty() {
-        Ok(Loaded {
-            set: PolicySet { policies },
-            warnings,
-        })
+        Ok(Loaded { set, warnings })
     } else {
         Err(PolicyErrors(errors))
     }
@@ -219,20 +219,35 @@ fn kind_of(policy: &Policy) -> &'static str {
 
 /// KubeArmor keeps one policy per kind, namespace and name; a second one would replace the first
 /// depending on the order files are read, so both places are named instead.
-fn duplicates(policies: &[Policy]) -> Vec<PolicyError> {
+fn duplicates(set: &PolicySet) -> Vec<PolicyError> {
     let mut first: BTreeMap<(&str, Option<&str>, &str), &Origin> = BTreeMap::new();
     let mut errors = Vec::new();
-    for p in policies {
-        let kind = kind_of(p);
-        let key = (kind, p.namespace.as_deref(), p.name.as_str());
+    let all = set
+        .policies
+        .iter()
+        .map(|p| {
+            (
+                kind_of(p),
+                p.namespace.as_deref(),
+                p.name.as_str(),
+                &p.origin,
+            )
+        })
+        .chain(
+            set.network
+                .iter()
+                .map(|p| (KIND_NETWORK_POLICY, None, p.name.as_str(), &p.origin)),
+        );
+    for (kind, namespace, name, origin) in all {
+        let key = (kind, namespace, name);
         match first.get(&key) {
             Some(earlier) => {
-                let what = match &p.namespace {
-                    Some(ns) => format!("{kind} {ns}/{}", p.name),
-                    None => format!("{kind} {}", p.name),
+                let what = match namespace {
+                    Some(ns) => format!("{kind} {ns}/{name}"),
+                    None => format!("{kind} {name}"),
                 };
                 errors.push(PolicyError::new(
-                    p.origin.clone(),
+                    origin.clone(),
                     "metadata.name",
                     format!(
                         "duplicate {what}: already defined at {earlier}; rename one of them or \
@@ -241,7 +256,7 @@ fn duplicates(policies: &[Policy]) -> Vec<PolicyError> {
                 ));
             }
             None => {
-                first.insert(key, &p.origin);
+                first.insert(key, origin);
             }
         }
     }
@@ -348,7 +363,7 @@ fn walk(
     }
 }
 
-fn parse_stream(text: &str, file: &Path, diag: &mut Diag<'_>, out: &mut Vec<Policy>) {
+fn parse_stream(text: &str, file: &Path, diag: &mut Diag<'_>, out: &mut PolicySet) {
     match yaml::load_documents(text, file) {
         Ok(docs) => {
             if docs.iter().all(yaml::is_null) {
@@ -364,7 +379,7 @@ fn parse_stream(text: &str, file: &Path, diag: &mut Diag<'_>, out: &mut Vec<Poli
 }
 
 /// One document, or one item of a `List`; `path` is the prefix of its field paths.
-fn parse_object(node: &Node<'_>, path: &str, diag: &mut Diag<'_>, out: &mut Vec<Policy>) {
+fn parse_object(node: &Node<'_>, path: &str, diag: &mut Diag<'_>, out: &mut PolicySet) {
     if yaml::is_null(node) {
         return; // an empty document, e.g. a trailing `---`
     }
@@ -386,7 +401,7 @@ fn parse_object(node: &Node<'_>, path: &str, diag: &mut Diag<'_>, out: &mut Vec<
         .require(
             diag,
             "kind",
-            "set it to KubeArmorPolicy or KubeArmorHostPolicy",
+            "set it to KubeArmorPolicy, KubeArmorHostPolicy or KubeArmorNetworkPolicy",
         )
         .and_then(|n| yaml::string(diag, n, &doc.field("kind")));
     let api_version = doc
@@ -396,6 +411,11 @@ fn parse_object(node: &Node<'_>, path: &str, diag: &mut Diag<'_>, out: &mut Vec<
     let is_host = match kind.as_deref() {
         Some(KIND_POLICY) => false,
         Some(KIND_HOST_POLICY) => true,
+        Some(KIND_NETWORK_POLICY) => {
+            check_api_version(&doc, api_version.as_deref(), diag);
+            super::network::parse(&doc, diag, out);
+            return;
+        }
         Some("List") => {
             parse_list(&doc, api_version.as_deref(), diag, out);
             return;
@@ -407,10 +427,11 @@ fn parse_object(node: &Node<'_>, path: &str, diag: &mut Diag<'_>, out: &mut Vec<
                     .to_string()
             } else {
                 format!(
-                    "unknown kind `{other}`; icmp-guard reads KubeArmorPolicy and \
-                     KubeArmorHostPolicy{}",
+                    "unknown kind `{other}`; icmp-guard reads KubeArmorPolicy, \
+                     KubeArmorHostPolicy and KubeArmorNetworkPolicy{}",
                     if other.eq_ignore_ascii_case(KIND_POLICY)
                         || other.eq_ignore_ascii_case(KIND_HOST_POLICY)
+                        || other.eq_ignore_ascii_case(KIND_NETWORK_POLICY)
                     {
                         " (the kind is case-sensitive)"
                     } else {
@@ -424,19 +445,10 @@ fn parse_object(node: &Node<'_>, path: &str, diag: &mut Diag<'_>, out: &mut Vec<
         // Without a kind the schema is unknown: the missing kind is the one error to fix first.
         None => return,
     };
-    if let Some(v) = &api_version
-        && v != API_VERSION
-    {
-        let node = doc.get("apiVersion").unwrap_or(doc.node());
-        diag.error(
-            node,
-            &doc.field("apiVersion"),
-            format!("`{v}` is not supported; use {API_VERSION}"),
-        );
-    }
+    check_api_version(&doc, api_version.as_deref(), diag);
     doc.reject_unknown(diag, &["apiVersion", "kind", "metadata", "spec", "status"]);
 
-    let (name, namespace) = parse_metadata(&doc, is_host, diag);
+    let (name, namespace) = parse_metadata(&doc, is_host.then_some(KIND_HOST_POLICY), diag);
     let spec = match doc.get("spec") {
         Some(n) => Map::read(diag, n, &doc.field("spec")),
         // KubeArmor's CRD requires a spec only of host policies, for their nodeSelector.
@@ -462,13 +474,26 @@ fn parse_object(node: &Node<'_>, path: &str, diag: &mut Diag<'_>, out: &mut Vec<
         None => (empty_target(is_host), Vec::new()),
     };
     if let Some(name) = name {
-        out.push(Policy {
+        out.policies.push(Policy {
             name,
             namespace,
             target,
             rules,
             origin: diag.origin(doc.node()),
         });
+    }
+}
+
+pub(super) fn check_api_version(doc: &Map<'_, '_>, api_version: Option<&str>, diag: &mut Diag<'_>) {
+    if let Some(v) = api_version
+        && v != API_VERSION
+    {
+        let node = doc.get("apiVersion").unwrap_or(doc.node());
+        diag.error(
+            node,
+            &doc.field("apiVersion"),
+            format!("`{v}` is not supported; use {API_VERSION}"),
+        );
     }
 }
 
@@ -487,7 +512,7 @@ fn parse_list(
     doc: &Map<'_, '_>,
     api_version: Option<&str>,
     diag: &mut Diag<'_>,
-    out: &mut Vec<Policy>,
+    out: &mut PolicySet,
 ) {
     if let Some(v) = api_version
         && v != "v1"
@@ -508,13 +533,15 @@ fn parse_list(
     }
 }
 
-/// `metadata.name` and the namespace the policy lives in (`None` for host policies). Other
-/// metadata (labels, annotations, what `kubectl get -o yaml` adds) is accepted and not used.
-fn parse_metadata(
+/// `metadata.name` and the namespace the policy lives in (`None` for the cluster-scoped kinds,
+/// named by `cluster_kind`). Other metadata (labels, annotations, what `kubectl get -o yaml`
+/// adds) is accepted and not used.
+pub(super) fn parse_metadata(
     doc: &Map<'_, '_>,
-    is_host: bool,
+    cluster_kind: Option<&str>,
     diag: &mut Diag<'_>,
 ) -> (Option<String>, Option<String>) {
+    let is_host = cluster_kind.is_some();
     let Some(meta_node) = doc.require(diag, "metadata", "add metadata.name") else {
         return (None, (!is_host).then(|| DEFAULT_NAMESPACE.to_string()));
     };
@@ -548,8 +575,8 @@ fn parse_metadata(
                 node,
                 &meta.field("namespace"),
                 format!(
-                    "KubeArmorHostPolicy is cluster-scoped: namespace `{ns}` is ignored; remove \
-                     the line"
+                    "{} is cluster-scoped: namespace `{ns}` is ignored; remove the line",
+                    cluster_kind.unwrap_or(KIND_HOST_POLICY)
                 ),
             );
         }
@@ -587,15 +614,15 @@ const SPEC_UNSUPPORTED: [&str; 6] = [
 
 /// What a rule inherits when it does not say: from `spec.network`, then from `spec`.
 #[derive(Clone, Default)]
-struct Inherited {
-    action: Option<Action>,
-    severity: Option<u8>,
-    tags: Vec<String>,
-    message: Option<String>,
+pub(super) struct Inherited {
+    pub action: Option<Action>,
+    pub severity: Option<u8>,
+    pub tags: Vec<String>,
+    pub message: Option<String>,
 }
 
 impl Inherited {
-    fn read(map: &Map<'_, '_>, diag: &mut Diag<'_>) -> Self {
+    pub fn read(map: &Map<'_, '_>, diag: &mut Diag<'_>) -> Self {
         Inherited {
             action: parse_action(map, diag),
             severity: parse_severity(map, diag),
@@ -605,7 +632,7 @@ impl Inherited {
     }
 
     /// `self` where set, else `outer`.
-    fn over(self, outer: &Inherited) -> Inherited {
+    pub fn over(self, outer: &Inherited) -> Inherited {
         Inherited {
             action: self.action.or(outer.action),
             severity: self.severity.or(outer.severity),
@@ -825,7 +852,10 @@ fn parse_expression(node: &Node<'_>, path: &str, diag: &mut Diag<'_>) -> Option<
     })
 }
 
-fn parse_node_selector(spec: &Map<'_, '_>, diag: &mut Diag<'_>) -> BTreeMap<String, String> {
+pub(super) fn parse_node_selector(
+    spec: &Map<'_, '_>,
+    diag: &mut Diag<'_>,
+) -> BTreeMap<String, String> {
     let hint = "add spec.nodeSelector.matchLabels, e.g. `kubernetes.io/hostname: node-1`";
     let Some(node) = spec.require(diag, "nodeSelector", hint) else {
         return BTreeMap::new();

@@ -29,6 +29,9 @@ impl fmt::Display for Origin {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicySet {
     pub policies: Vec<Policy>,
+    /// `KubeArmorNetworkPolicy` objects: the inbound ICMP guard's rules. Empty means the guard
+    /// is off.
+    pub network: Vec<network::NetworkPolicy>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,4 +96,5 @@ pub struct Rule {
 pub mod default;
 pub mod diagnostics;
 pub mod kubearmor;
+pub mod network;
 pub(crate) mod yaml;
