@@ -370,11 +370,13 @@ impl Reconciler {
                 if let Some(pending) = pending_pods(&k.cgroup_root, driver, &set) {
                     workloads.push(pending);
                 }
-                for pod in pods.iter().filter(|p| !p.finished) {
+                // Terminating pods too: their containers run through the grace period, under
+                // their own rules; only a pod whose cgroup is gone is left out.
+                for pod in &pods {
                     let cgroup = containers::pod_cgroup(&k.cgroup_root, driver, pod.qos, &pod.uid);
                     let Ok(cgroup_id) = workload::cgroup_id(&cgroup) else {
-                        // The kubelet has not made it yet: the pending-pods workload covers
-                        // whatever runs there before the next round.
+                        // The kubelet has not made it yet (or has removed it): the pending-pods
+                        // workload covers whatever runs there before the next round.
                         continue;
                     };
                     to_watch.insert(cgroup.clone());

@@ -49,8 +49,6 @@ pub struct PodInfo {
     pub containers: Vec<ContainerStatus>,
     /// The direct controller reference (kind, name), resolved later to the top owner.
     pub controller: Option<(String, String)>,
-    /// Set once the pod is terminating or done; its cgroup may already be gone.
-    pub finished: bool,
 }
 
 pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
@@ -92,7 +90,6 @@ pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
             })
         })
         .collect();
-    let phase = status.and_then(|s| s.phase.as_deref());
     Some(PodInfo {
         uid,
         namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
@@ -101,8 +98,6 @@ pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
         qos,
         containers,
         controller: controller_of(meta),
-        finished: meta.deletion_timestamp.is_some()
-            || matches!(phase, Some("Succeeded") | Some("Failed")),
     })
 }
 
@@ -248,6 +243,5 @@ mod tests {
         );
         assert_eq!(info.containers[0].id, "abcd");
         assert_eq!(info.containers[0].image, "localhost/testbox:1@sha256:0123");
-        assert!(!info.finished);
     }
 }
