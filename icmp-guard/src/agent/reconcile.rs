@@ -343,17 +343,22 @@ impl Reconciler {
                 .iter()
                 .filter_map(|p| kubernetes::pods::pod_info(p))
                 .collect();
+            // Owners resolved for good are kept; a failed lookup is tried again next round
+            // (the lookups themselves are rate-limited), naming the direct controller meanwhile.
+            let mut owner_now = BTreeMap::new();
             for pod in &pods {
                 if !k.owner_of.contains_key(&pod.uid) {
-                    let owner = k.owners.owner(pod).await;
-                    k.owner_of.insert(
-                        pod.uid.clone(),
-                        Owner {
-                            kind: owner.reference,
-                            name: owner.name,
-                            namespace: owner.namespace,
-                        },
-                    );
+                    let (owner, known) = k.owners.owner(pod).await;
+                    let owner = Owner {
+                        kind: owner.reference,
+                        name: owner.name,
+                        namespace: owner.namespace,
+                    };
+                    if known {
+                        k.owner_of.insert(pod.uid.clone(), owner);
+                    } else {
+                        owner_now.insert(pod.uid.clone(), owner);
+                    }
                 }
             }
             let present: BTreeSet<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
@@ -409,7 +414,11 @@ impl Reconciler {
                         container: None,
                         cgroup,
                         cgroup_id,
-                        owner: k.owner_of.get(&pod.uid).cloned(),
+                        owner: k
+                            .owner_of
+                            .get(&pod.uid)
+                            .or_else(|| owner_now.get(&pod.uid))
+                            .cloned(),
                         root: Root::Containers(list),
                     });
                 }
