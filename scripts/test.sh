@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test: formatting and lints, unit and parser tests, the privileged end-to-end tests
 # against this machine's kernel (cgroup enforcer), a bounded fuzzing run of every parser of
-# untrusted input, the container image's import into containerd and podman, the same end-to-end
-# tests inside qemu VMs booting Debian's 5.10, 6.1 and 6.12 kernels with BPF LSM (LSM
-# enforcer), and the systemd unit under a live systemd in a VM. As root.
+# untrusted input, pods as workloads in a real single-node Kubernetes cluster, the container
+# image's import into containerd and podman, the same end-to-end tests inside qemu VMs booting
+# Debian's 5.10, 6.1 and 6.12 kernels with BPF LSM (LSM enforcer), and the systemd unit under a
+# live systemd in a VM. As root.
 # Installs what it needs first. Any failure, or any test that did not run, fails the whole.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -29,6 +30,22 @@ for t in enforcement kubearmor_scenario grpc guard; do
   }
 done
 
+echo "== Kubernetes: pods as workloads in a single-node cluster (cargo xtask k8s test)"
+# Built first, so that the cluster runs only while the tests do. The harness builds the
+# cluster once (cached outside the clone), starts it with an empty etcd, runs the suite and
+# always stops it, restoring the host.
+cargo test --release -p icmp-guard --features k8s-tests --test kubernetes --no-run
+cargo xtask k8s test -- cargo test --release -p icmp-guard --features k8s-tests \
+  --test kubernetes -- --test-threads=1 2>&1 | tee target/k8s-tests.log
+if grep -E "test result: .* [1-9][0-9]* ignored" target/k8s-tests.log; then
+  echo "test.sh: some Kubernetes tests were ignored" >&2
+  exit 1
+fi
+grep -A2 "Running tests/kubernetes.rs" target/k8s-tests.log | grep -qE "running [1-9]" || {
+  echo "test.sh: the Kubernetes tests did not run" >&2
+  exit 1
+}
+
 echo "== container image (built here, imported into a private containerd and podman)"
 cargo xtask image-test 2>&1 | tee target/image-test.log
 
@@ -45,8 +62,8 @@ cargo xtask vm-systemd --check "${ICMP_GUARD_SYSTEMD_CHECKS:-start,ping,stop,sec
   | tee target/vm-systemd.log
 
 # Every stage above stops the script on failure, so reaching here means nothing failed.
-passed=$(cat target/host-tests.log target/vm-tests.log \
+passed=$(cat target/host-tests.log target/k8s-tests.log target/vm-tests.log \
   | grep -oE "test result: ok\. [0-9]+ passed" | awk '{s += $4} END {print s + 0}')
 checks=$(grep -cE "^[a-z]+ +PASS " target/vm-systemd.log || true)
-echo "test.sh: host suites, fuzzing, the image test, VM suites on every kernel and ${checks} systemd checks passed"
+echo "test.sh: host suites, fuzzing, the Kubernetes suite, the image test, VM suites on every kernel and ${checks} systemd checks passed"
 echo "$((passed + checks + 1)) passed, 0 failed"

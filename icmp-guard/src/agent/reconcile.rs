@@ -44,8 +44,13 @@ pub static RELOADS: AtomicU64 = AtomicU64::new(0);
 pub static RELOADS_REFUSED: AtomicU64 = AtomicU64::new(0);
 
 /// Name of the workload that stands for pods whose cgroup exists but that the agent does not
-/// know yet (see [`Reconciler::pending_pods`]).
+/// know yet (see [`pending_pods`]).
 pub const PENDING_POD: &str = "pending pod";
+
+/// How often rounds run while a new container's root is not settled yet, and for how long
+/// after its cgroup appeared (see [`Reconciler::settling`]).
+const SETTLE_POLL: Duration = Duration::from_millis(10);
+const SETTLE_WINDOW: Duration = Duration::from_secs(5);
 
 /// Where policies come from, and how to tell whether they changed.
 pub enum PolicySource {
@@ -171,6 +176,18 @@ struct Kube {
     driver: Option<CgroupDriver>,
     /// Namespace annotations already warned about, to say it once.
     bad_postures: BTreeSet<(String, String)>,
+    /// What the runtime's bundles say, by container id (read once per container).
+    bundles: BTreeMap<String, containers::BundleInfo>,
+}
+
+/// What is known of a container's start, to report the time from its start to its rules.
+#[derive(Clone, Copy, Debug, Default)]
+struct ContainerTimes {
+    /// When its cgroup was made, once the agent has seen it.
+    cgroup: Option<SystemTime>,
+    /// When a compilation with its root was first in the kernel.
+    in_force: Option<SystemTime>,
+    reported: bool,
 }
 
 /// Everything a compilation needs.
@@ -197,9 +214,10 @@ pub struct Reconciler {
     /// alert read late never names another pod.
     pod_ids: BTreeMap<String, u32>,
     next_id: u32,
-    /// When each container was first seen and whether its sources have been applied, to report
-    /// the time from a container's start to its rules.
-    containers_seen: BTreeMap<String, (SystemTime, bool)>,
+    /// The start of each container and when its sources came into force.
+    containers_seen: BTreeMap<String, ContainerTimes>,
+    /// When the agent started: containers from before were not timed.
+    started: SystemTime,
     /// Directories under inotify: the QoS parents and every pod cgroup.
     watched: BTreeSet<PathBuf>,
     watcher: Option<notify::RecommendedWatcher>,
@@ -228,12 +246,16 @@ impl Reconciler {
                 cgroup_root,
                 driver,
                 bad_postures: BTreeSet::new(),
+                bundles: BTreeMap::new(),
             })
         } else {
             None
         };
         let next_id = env.workloads.len() as u32 + 1;
         let wake = Arc::new(Notify::new());
+        if kube.is_some() {
+            watch_mounts(wake.clone());
+        }
         Ok(Self {
             fingerprint: source.fingerprint(),
             source,
@@ -246,6 +268,7 @@ impl Reconciler {
             pod_ids: BTreeMap::new(),
             next_id,
             containers_seen: BTreeMap::new(),
+            started: SystemTime::now(),
             watched: BTreeSet::new(),
             watcher: None,
             wake,
@@ -343,17 +366,22 @@ impl Reconciler {
                 .iter()
                 .filter_map(|p| kubernetes::pods::pod_info(p))
                 .collect();
+            // Owners resolved for good are kept; a failed lookup is tried again next round
+            // (the lookups themselves are rate-limited), naming the direct controller meanwhile.
+            let mut owner_now = BTreeMap::new();
             for pod in &pods {
                 if !k.owner_of.contains_key(&pod.uid) {
-                    let owner = k.owners.owner(pod).await;
-                    k.owner_of.insert(
-                        pod.uid.clone(),
-                        Owner {
-                            kind: owner.reference,
-                            name: owner.name,
-                            namespace: owner.namespace,
-                        },
-                    );
+                    let (owner, known) = k.owners.owner(pod).await;
+                    let owner = Owner {
+                        kind: owner.reference,
+                        name: owner.name,
+                        namespace: owner.namespace,
+                    };
+                    if known {
+                        k.owner_of.insert(pod.uid.clone(), owner);
+                    } else {
+                        owner_now.insert(pod.uid.clone(), owner);
+                    }
                 }
             }
             let present: BTreeSet<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
@@ -370,11 +398,26 @@ impl Reconciler {
                 if let Some(pending) = pending_pods(&k.cgroup_root, driver, &set) {
                     workloads.push(pending);
                 }
-                for pod in pods.iter().filter(|p| !p.finished) {
+                // The runtime's bundles, by pod: containers being created, before their cgroup.
+                let rootfs = containers::rootfs_mounts();
+                k.bundles.retain(|id, _| rootfs.contains_key(id));
+                let mut bundles_of: BTreeMap<String, Vec<(&String, &PathBuf)>> = BTreeMap::new();
+                for (id, mount) in &rootfs {
+                    let info = k
+                        .bundles
+                        .entry(id.clone())
+                        .or_insert_with(|| containers::bundle_info(mount));
+                    if let Some(uid) = &info.pod_uid {
+                        bundles_of.entry(uid.clone()).or_default().push((id, mount));
+                    }
+                }
+                // Terminating pods too: their containers run through the grace period, under
+                // their own rules; only a pod whose cgroup is gone is left out.
+                for pod in &pods {
                     let cgroup = containers::pod_cgroup(&k.cgroup_root, driver, pod.qos, &pod.uid);
                     let Ok(cgroup_id) = workload::cgroup_id(&cgroup) else {
-                        // The kubelet has not made it yet: the pending-pods workload covers
-                        // whatever runs there before the next round.
+                        // The kubelet has not made it yet (or has removed it): the pending-pods
+                        // workload covers whatever runs there before the next round.
                         continue;
                     };
                     to_watch.insert(cgroup.clone());
@@ -383,19 +426,42 @@ impl Reconciler {
                         self.next_id += 1;
                         id
                     });
-                    let found = containers::discover(&cgroup);
+                    let found = containers::discover(&cgroup, &rootfs);
                     let mut list = Vec::new();
                     for c in found {
                         let status = pod.containers.iter().find(|s| s.id == c.id);
-                        self.containers_seen
-                            .entry(c.id.clone())
-                            .or_insert_with(|| (cgroup_created(&c.cgroup), false));
+                        let times = self.containers_seen.entry(c.id.clone()).or_default();
+                        times
+                            .cgroup
+                            .get_or_insert_with(|| cgroup_created(&c.cgroup));
                         list.push(workload::Container {
+                            name: status
+                                .map(|s| s.name.clone())
+                                .or_else(|| k.bundles.get(&c.id).and_then(|b| b.name.clone())),
                             id: c.id,
-                            name: status.map(|s| s.name.clone()),
                             image: status.map(|s| s.image.clone()),
                             cgroup_id: c.cgroup_id,
-                            root_pid: c.root_pid,
+                            roots: c.roots,
+                        });
+                    }
+                    // Containers being created: their root filesystem is mounted, their cgroup
+                    // not made yet. Their sources are resolved now, so that their first
+                    // command finds its rules.
+                    for (cid, mount) in bundles_of.get(&pod.uid).into_iter().flatten() {
+                        if list.iter().any(|c| &c.id == *cid) {
+                            continue;
+                        }
+                        self.containers_seen.entry((*cid).clone()).or_default();
+                        let status = pod.containers.iter().find(|s| &s.id == *cid);
+                        list.push(workload::Container {
+                            id: (*cid).clone(),
+                            name: status
+                                .map(|s| s.name.clone())
+                                .or_else(|| k.bundles.get(*cid).and_then(|b| b.name.clone())),
+                            image: status.map(|s| s.image.clone()),
+                            // No cgroup yet: no alert can name it before the next round.
+                            cgroup_id: 0,
+                            roots: vec![workload::ContainerRoot::Mount((*mount).clone())],
                         });
                     }
                     workloads.push(Workload {
@@ -407,7 +473,11 @@ impl Reconciler {
                         container: None,
                         cgroup,
                         cgroup_id,
-                        owner: k.owner_of.get(&pod.uid).cloned(),
+                        owner: k
+                            .owner_of
+                            .get(&pod.uid)
+                            .or_else(|| owner_now.get(&pod.uid))
+                            .cloned(),
                         root: Root::Containers(list),
                     });
                 }
@@ -455,6 +525,29 @@ impl Reconciler {
         self.watched = dirs;
     }
 
+    /// True while a container found in the last round has no root to resolve its paths in yet
+    /// (no bundle mount the agent can read, no process in it yet) and appeared less than
+    /// [`SETTLE_WINDOW`] ago. The runtime moves the container's first process into its root a
+    /// few milliseconds after making its cgroup (when inotify woke the round); until a round
+    /// sees it there, the container's `fromSource` programs are refused. Rounds come every
+    /// [`SETTLE_POLL`] meanwhile, so that window stays that short.
+    pub fn settling(&self) -> bool {
+        let now = SystemTime::now();
+        self.workloads.iter().any(|w| match &w.root {
+            Root::Containers(cs) => cs.iter().any(|c| {
+                c.roots.is_empty()
+                    && self
+                        .containers_seen
+                        .get(&c.id)
+                        .and_then(|t| t.cgroup)
+                        .is_some_and(|created| {
+                            now.duration_since(created).unwrap_or_default() < SETTLE_WINDOW
+                        })
+            }),
+            Root::Host => false,
+        })
+    }
+
     /// What wakes the agent besides its periodic round: inotify on pod cgroups, and the
     /// Kubernetes watches.
     pub fn wakers(&self) -> (Arc<Notify>, Option<Arc<Notify>>) {
@@ -491,25 +584,50 @@ impl Reconciler {
     pub fn applied(&mut self, compiled: Compiled, workloads: Vec<Workload>) {
         self.identities = Self::source_identities(&compiled);
         self.last = compiled;
+        self.in_force(workloads);
+    }
+
+    /// `workloads` are what the kernel enforces now (just applied, or compiled to what it
+    /// already held): notes when each container's root is first in force, reports it against
+    /// the container's start (its cgroup's creation; the rules may come first, from the
+    /// runtime's bundle), and forgets the containers that are gone.
+    fn in_force(&mut self, workloads: Vec<Workload>) {
         let now = SystemTime::now();
         for w in &workloads {
             let Root::Containers(cs) = &w.root else {
                 continue;
             };
-            for c in cs.iter().filter(|c| c.root_pid.is_some()) {
-                if let Some((created, applied)) = self.containers_seen.get_mut(&c.id)
-                    && !*applied
-                {
-                    *applied = true;
-                    let after = now.duration_since(*created).unwrap_or_default();
-                    info!(
-                        "container {} of pod {}: its sources are in force, {} ms after its \
-                         cgroup appeared",
-                        &c.id[..12],
-                        w.name,
-                        after.as_millis()
-                    );
+            for c in cs {
+                let Some(t) = self.containers_seen.get_mut(&c.id) else {
+                    continue;
+                };
+                if !c.roots.is_empty() && t.in_force.is_none() {
+                    t.in_force = Some(now);
                 }
+                let (Some(cgroup), Some(in_force), false) = (t.cgroup, t.in_force, t.reported)
+                else {
+                    continue;
+                };
+                t.reported = true;
+                let name = c
+                    .name
+                    .as_deref()
+                    .unwrap_or("the sandbox, or not in the pod's status yet");
+                let when = if cgroup < self.started {
+                    "it was running when the agent started".to_string()
+                } else {
+                    match in_force.duration_since(cgroup) {
+                        Ok(after) => format!("{} ms after its cgroup appeared", after.as_millis()),
+                        Err(e) => {
+                            format!("{} ms before its cgroup appeared", e.duration().as_millis())
+                        }
+                    }
+                };
+                info!(
+                    "container {} ({name}) of pod {}: its sources are in force, {when}",
+                    &c.id[..12],
+                    w.name,
+                );
             }
         }
         let live: BTreeSet<&str> = workloads
@@ -568,7 +686,7 @@ impl Reconciler {
                     .write()
                     .expect("context lock")
                     .set_workloads(&desired.workloads);
-                self.workloads = desired.workloads;
+                self.in_force(desired.workloads);
             }
             return;
         }
@@ -628,6 +746,51 @@ pub(crate) async fn apply(
     })
     .await
     .map_err(|e| anyhow!("the policy apply task failed: {e}"))?
+}
+
+/// Wakes the rounds whenever the mount table changes: the runtime mounts a container's root
+/// filesystem before it makes the container's cgroup, and a round woken then has the
+/// container's rules in force before its first process runs. (`/proc/self/mountinfo` reports
+/// a change as `POLLPRI`.)
+fn watch_mounts(wake: Arc<Notify>) {
+    let spawned = std::thread::Builder::new()
+        .name("mount-watch".into())
+        .spawn(move || {
+            use std::os::fd::AsRawFd;
+            let file = match std::fs::File::open("/proc/self/mountinfo") {
+                Ok(f) => f,
+                Err(e) => {
+                    warn!(
+                        "cannot watch the mount table ({e}); a container's rules come with its \
+                         cgroup instead of its root filesystem mount"
+                    );
+                    return;
+                }
+            };
+            let mut pfd = libc::pollfd {
+                fd: file.as_raw_fd(),
+                events: libc::POLLPRI,
+                revents: 0,
+            };
+            loop {
+                // SAFETY: one valid pollfd, for the life of `file`.
+                let rc = unsafe { libc::poll(&mut pfd, 1, -1) };
+                if rc < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    warn!("watching the mount table failed ({e}); no longer watched");
+                    return;
+                }
+                if pfd.revents & (libc::POLLPRI | libc::POLLERR) != 0 {
+                    wake.notify_one();
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        warn!("cannot start the mount table watch ({e})");
+    }
 }
 
 /// When a container's cgroup was made (its directory's change time).
@@ -714,8 +877,10 @@ pub(crate) async fn run(mut r: Reconciler, shared: Arc<Shared>, every: Duration)
         });
     }
     loop {
+        let settling = r.settling();
         tokio::select! {
             _ = tick.tick() => {}
+            _ = tokio::time::sleep(SETTLE_POLL), if settling => {}
             _ = rx.recv() => {
                 // Let the rest of a burst (a pod's several watch events) arrive.
                 tokio::time::sleep(Duration::from_millis(5)).await;

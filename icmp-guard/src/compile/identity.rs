@@ -13,7 +13,10 @@ use std::{
     collections::HashMap,
     ffi::CString,
     fmt, io,
-    os::unix::ffi::OsStrExt,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
     path::{Path, PathBuf},
 };
 
@@ -42,6 +45,11 @@ impl fmt::Display for ExecutableId {
 /// `/proc/PID/root` and that process's mountinfo).
 pub struct Resolver {
     root: PathBuf,
+    /// The root as a directory, for any root but `/`: paths, and the symlinks met on the way, are
+    /// resolved inside it (`openat2` with `RESOLVE_IN_ROOT`). Through `/proc/PID/root/…` the
+    /// kernel would resolve an absolute symlink (busybox's `/bin/ping -> /bin/busybox`, Debian's
+    /// `/etc/alternatives/…`) in the agent's root, i.e. on the host.
+    root_dir: Option<OwnedFd>,
     /// mount id → kernel dev_t, read once per resolver.
     mounts: HashMap<u64, u64>,
 }
@@ -66,6 +74,12 @@ impl Resolver {
         Self::from_mountinfo(Path::new(&format!("/proc/{pid}/root")), &mountinfo)
     }
 
+    /// Paths inside the directory `dir` of the agent's mount namespace, taken as a root: a
+    /// container's root filesystem as its runtime mounted it.
+    pub fn of_mount(dir: &Path) -> Result<Self> {
+        Self::new(dir, Path::new("/proc/self/mountinfo"))
+    }
+
     /// Paths under `root`, devices from the mountinfo file at `mountinfo`.
     pub fn new(root: &Path, mountinfo: &Path) -> Result<Self> {
         let mountinfo = MountInfos::from_file(mountinfo)
@@ -75,21 +89,42 @@ impl Resolver {
 
     /// Paths under `root`, devices from an already parsed mount table.
     pub fn from_mountinfo(root: &Path, mountinfo: &MountInfos) -> Result<Self> {
+        let root_dir = if root == Path::new("/") {
+            None
+        } else {
+            Some(
+                std::fs::File::open(root)
+                    .map(OwnedFd::from)
+                    .with_context(|| format!("opening root directory {}", root.display()))?,
+            )
+        };
         Ok(Self {
             root: root.to_path_buf(),
+            root_dir,
             mounts: mount_devices(mountinfo)?,
         })
     }
 
-    /// The identity of the file `path` names, following symlinks.
+    /// The identity of the file `path` names, following symlinks (inside the root).
     pub fn resolve(&self, path: &Path) -> io::Result<ExecutableId> {
         let rel = path.strip_prefix("/").unwrap_or(path);
         let full = self.root.join(rel);
-        self.resolve_full(&full)
+        match &self.root_dir {
+            None => self.identify(&full, statx_mount_and_ino(&full)?),
+            Some(dir) => {
+                let file = open_in_root(dir, rel)?;
+                self.identify(&full, statx_mount_and_ino_fd(&file)?)
+            }
+        }
     }
 
+    /// The identity of the file at `full`, a path of the agent's own namespace (a magic link
+    /// such as `/proc/PID/exe` is followed by the kernel, wherever it leads).
     fn resolve_full(&self, full: &Path) -> io::Result<ExecutableId> {
-        let (mnt_id, ino) = statx_mount_and_ino(full)?;
+        self.identify(full, statx_mount_and_ino(full)?)
+    }
+
+    fn identify(&self, full: &Path, (mnt_id, ino): (u64, u64)) -> io::Result<ExecutableId> {
         let dev = self.mounts.get(&mnt_id).copied().ok_or_else(|| {
             io::Error::other(format!(
                 "{} is on mount {mnt_id}, which is not in mountinfo (mounted after the agent read \
@@ -129,16 +164,53 @@ fn kernel_dev(majmin: &str) -> Option<u64> {
     (major < (1 << 12) && minor < (1 << 20)).then_some((major << 20) | minor)
 }
 
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// Opens `rel` (an `O_PATH` descriptor) with `dir` as its root: `..` and absolute symlinks stop
+/// at `dir`, as they do for the processes whose root it is.
+fn open_in_root(dir: &OwnedFd, rel: &Path) -> io::Result<OwnedFd> {
+    let c = c_path(rel)?;
+    // SAFETY: zeroed open_how is valid (no flags); the fields are set below.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: valid directory fd, C string and open_how of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
 fn statx_mount_and_ino(path: &Path) -> io::Result<(u64, u64)> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    let c = c_path(path)?;
+    statx_at(libc::AT_FDCWD, &c, 0)
+}
+
+fn statx_mount_and_ino_fd(file: &OwnedFd) -> io::Result<(u64, u64)> {
+    statx_at(file.as_raw_fd(), c"", libc::AT_EMPTY_PATH)
+}
+
+fn statx_at(dirfd: i32, path: &std::ffi::CStr, flags: i32) -> io::Result<(u64, u64)> {
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: valid C string and out-pointer.
     let rc = unsafe {
         libc::statx(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            0,
+            dirfd,
+            path.as_ptr(),
+            flags,
             libc::STATX_INO | libc::STATX_MNT_ID,
             &mut stx,
         )
@@ -222,5 +294,28 @@ mod tests {
         assert_eq!(r.resolve(&link).unwrap(), r.resolve(&target).unwrap());
         assert_ne!(r.resolve(&copy).unwrap(), r.resolve(&target).unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn absolute_symlinks_resolve_inside_the_root() {
+        // A container image's `/bin/ping -> /bin/busybox`: the link must lead to the image's
+        // busybox, not to the host's file of that name.
+        let root = std::env::temp_dir().join(format!("icmp-guard-root-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let tool = "icmp-guard-only-in-this-root";
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::write(root.join(tool), b"busybox").unwrap();
+        std::os::unix::fs::symlink(format!("/{tool}"), root.join("bin/ping")).unwrap();
+        std::os::unix::fs::symlink("../../..", root.join("bin/up")).unwrap();
+        assert!(!Path::new("/").join(tool).exists());
+        let r = Resolver::new(&root, Path::new("/proc/self/mountinfo")).unwrap();
+        let in_root = r.resolve(&PathBuf::from("/").join(tool)).unwrap();
+        assert_eq!(r.resolve(Path::new("/bin/ping")).unwrap(), in_root);
+        // `..` stops at the root too.
+        assert_eq!(
+            r.resolve(&Path::new("/bin/up").join(tool)).unwrap(),
+            in_root
+        );
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

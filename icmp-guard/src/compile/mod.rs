@@ -23,7 +23,7 @@ pub mod identity;
 
 use crate::sources::{
     policy::{Action, LabelOperator, Origin, Policy, PolicySet, Selector, Target},
-    workload::{PENDING_PODS, Root, Workload},
+    workload::{ContainerRoot, PENDING_PODS, Root, Workload},
 };
 use identity::{ExecutableId, Resolver};
 
@@ -301,8 +301,8 @@ type Resolved = BTreeMap<PathBuf, Option<ExecutableId>>;
 struct Paths<'r> {
     host: &'r Resolver,
     host_cache: Resolved,
-    /// By the pid the container's root is reached through; `None` when that process is gone.
-    containers: BTreeMap<u32, Option<(Resolver, Resolved)>>,
+    /// By the container root; `None` when it is gone (its process exited, its mount went).
+    containers: BTreeMap<ContainerRoot, Option<(Resolver, Resolved)>>,
 }
 
 impl Paths<'_> {
@@ -337,12 +337,15 @@ impl Paths<'_> {
             // that is the image's content, not an operator's mistake, so it is not reported.
             Some(Root::Containers(containers)) => containers
                 .iter()
-                .filter_map(|c| c.root_pid)
-                .filter_map(|pid| {
-                    let entry = self.containers.entry(pid).or_insert_with(|| {
-                        Resolver::for_process(pid)
-                            .ok()
-                            .map(|r| (r, BTreeMap::new()))
+                .flat_map(|c| &c.roots)
+                .filter_map(|root| {
+                    let entry = self.containers.entry(root.clone()).or_insert_with(|| {
+                        match root {
+                            ContainerRoot::Process(pid) => Resolver::for_process(*pid),
+                            ContainerRoot::Mount(dir) => Resolver::of_mount(dir),
+                        }
+                        .ok()
+                        .map(|r| (r, BTreeMap::new()))
                     });
                     let (resolver, cache) = entry.as_mut()?;
                     *cache

@@ -66,9 +66,20 @@ pub struct Container {
     pub image: Option<String>,
     /// The container's own cgroup: what the kernel reports as the caller's cgroup.
     pub cgroup_id: u64,
-    /// A process whose root is the container's root, to resolve paths through; `None` while
-    /// the runtime is still setting the container up (its sources then allow nothing yet).
-    pub root_pid: Option<u32>,
+    /// Where its paths resolve, each root giving the identities it sees; empty while the
+    /// runtime is still setting the container up (its sources then allow nothing yet).
+    pub roots: Vec<ContainerRoot>,
+}
+
+/// Where a container's `fromSource` paths resolve.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ContainerRoot {
+    /// Through a process of the container whose root is the container's own: its volumes and
+    /// every other mount of the container included.
+    Process(u32),
+    /// The runtime's mount of the container's root filesystem, as the agent sees it: there
+    /// before the container's first process starts, without the container's other mounts.
+    Mount(PathBuf),
 }
 
 impl Workload {

@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Mutex,
+    time::{Duration, Instant},
 };
 
 use k8s_openapi::api::{apps::v1::ReplicaSet, batch::v1::Job, core::v1::Pod};
@@ -49,8 +50,6 @@ pub struct PodInfo {
     pub containers: Vec<ContainerStatus>,
     /// The direct controller reference (kind, name), resolved later to the top owner.
     pub controller: Option<(String, String)>,
-    /// Set once the pod is terminating or done; its cgroup may already be gone.
-    pub finished: bool,
 }
 
 pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
@@ -92,7 +91,6 @@ pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
             })
         })
         .collect();
-    let phase = status.and_then(|s| s.phase.as_deref());
     Some(PodInfo {
         uid,
         namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
@@ -101,8 +99,6 @@ pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
         qos,
         containers,
         controller: controller_of(meta),
-        finished: meta.deletion_timestamp.is_some()
-            || matches!(phase, Some("Succeeded") | Some("Failed")),
     })
 }
 
@@ -130,11 +126,14 @@ fn controller_of(meta: &ObjectMeta) -> Option<(String, String)> {
 }
 
 /// Resolves a pod's controller to the workload an operator names: a ReplicaSet's Deployment, a
-/// Job's CronJob. Answers are cached: owners of a pod do not change.
+/// Job's CronJob. Answers are cached: owners of a pod do not change. A failed lookup is not an
+/// answer: it is tried again, at most every [`Owners::RETRY`].
 pub struct Owners {
     client: Client,
     /// (kind, namespace, name) → its controller (kind, name), if it has one.
     cache: Mutex<HashMap<ObjectKey, Option<(String, String)>>>,
+    /// Lookups that failed, and when.
+    failed: Mutex<HashMap<ObjectKey, Instant>>,
 }
 
 type ObjectKey = (String, String, String);
@@ -144,32 +143,49 @@ impl Owners {
         Self {
             client,
             cache: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
         }
     }
 
-    /// KubeArmor's `Owner`: the top controller, or the pod itself when it has none.
-    pub async fn owner(&self, pod: &PodInfo) -> Owner {
-        let (kind, name) = match &pod.controller {
-            None => ("Pod".to_string(), pod.name.clone()),
+    const RETRY: Duration = Duration::from_secs(10);
+
+    /// KubeArmor's `Owner`: the top controller, or the pod itself when it has none. The flag
+    /// is false when a lookup failed and the owner given is the direct controller for now.
+    pub async fn owner(&self, pod: &PodInfo) -> (Owner, bool) {
+        let ((kind, name), known) = match &pod.controller {
+            None => (("Pod".to_string(), pod.name.clone()), true),
             Some((kind, name)) => match kind.as_str() {
-                "ReplicaSet" | "Job" => self
-                    .parent(kind, &pod.namespace, name)
-                    .await
-                    .unwrap_or_else(|| (kind.clone(), name.clone())),
-                _ => (kind.clone(), name.clone()),
+                "ReplicaSet" | "Job" => match self.parent(kind, &pod.namespace, name).await {
+                    Ok(Some(parent)) => (parent, true),
+                    Ok(None) => ((kind.clone(), name.clone()), true),
+                    Err(()) => ((kind.clone(), name.clone()), false),
+                },
+                _ => ((kind.clone(), name.clone()), true),
             },
         };
-        Owner {
+        let owner = Owner {
             reference: kind,
             name,
             namespace: pod.namespace.clone(),
-        }
+        };
+        (owner, known)
     }
 
-    async fn parent(&self, kind: &str, namespace: &str, name: &str) -> Option<(String, String)> {
+    /// The controller of (kind, namespace, name); `Err` when the API could not say.
+    async fn parent(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<(String, String)>, ()> {
         let key = (kind.to_string(), namespace.to_string(), name.to_string());
         if let Some(hit) = self.cache.lock().expect("owners lock").get(&key) {
-            return hit.clone();
+            return Ok(hit.clone());
+        }
+        if let Some(when) = self.failed.lock().expect("owners lock").get(&key)
+            && when.elapsed() < Self::RETRY
+        {
+            return Err(());
         }
         let meta = match kind {
             "ReplicaSet" => Api::<ReplicaSet>::namespaced(self.client.clone(), namespace)
@@ -180,22 +196,31 @@ impl Owners {
                 .get_opt(name)
                 .await
                 .map(|o| o.map(|o| o.metadata)),
-            _ => return None,
+            _ => return Ok(None),
         };
         let parent = match meta {
             Ok(Some(meta)) => controller_of(&meta),
             Ok(None) => None,
             Err(e) => {
-                // Not cached: the next alert tries again.
-                log::debug!("looking up the owner of {kind} {namespace}/{name}: {e}");
-                return None;
+                log::warn!(
+                    "looking up the owner of {kind} {namespace}/{name}: {e}; alerts name the \
+                     {kind} until a lookup succeeds (retried every {}s; check that the agent's \
+                     role may get replicasets and jobs)",
+                    Self::RETRY.as_secs()
+                );
+                self.failed
+                    .lock()
+                    .expect("owners lock")
+                    .insert(key, Instant::now());
+                return Err(());
             }
         };
+        self.failed.lock().expect("owners lock").remove(&key);
         self.cache
             .lock()
             .expect("owners lock")
             .insert(key, parent.clone());
-        parent
+        Ok(parent)
     }
 }
 
@@ -248,6 +273,5 @@ mod tests {
         );
         assert_eq!(info.containers[0].id, "abcd");
         assert_eq!(info.containers[0].image, "localhost/testbox:1@sha256:0123");
-        assert!(!info.finished);
     }
 }
