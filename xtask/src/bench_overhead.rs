@@ -428,6 +428,11 @@ pub fn run(args: BenchOverheadArgs) -> Result<()> {
             .into_keys()
             .filter(|id| !before_agent.contains_key(id))
             .collect();
+        // The floor: what bpf_stats reports for a program that does nothing, run by the same
+        // hook on the same calls. The agent's figures above it are what its decision costs.
+        let floor = EmptyProgram::attach(&mine)?;
+        let mut ours = ours;
+        ours.push(floor.id()?);
         let _stats = Sysctl::set("/proc/sys/kernel/bpf_stats_enabled", "1")?;
         let mut per_probe = Vec::new();
         for p in Probe::ALL {
@@ -511,7 +516,12 @@ pub fn run(args: BenchOverheadArgs) -> Result<()> {
     }
     println!("(10 kernel rules for 1 workload vs 10,000 kernel rules for 1,000 workloads)");
     println!();
-    println!("BPF time per call (kernel.bpf_stats_enabled), 10 rules:");
+    println!(
+        "BPF time per call (kernel.bpf_stats_enabled), 10 rules; `{}` is an empty \
+         cgroup/sock_create program (r0 = 1; exit) attached beside the agent's, the floor of \
+         what bpf_stats reports:",
+        EmptyProgram::NAME
+    );
     println!(
         "{:<28} {:<18} {:>12} {:>12}",
         "call", "program", "runs/call", "ns per run"
@@ -561,5 +571,69 @@ impl Drop for Cleanup {
             let _ = fs::remove_dir(self.attach.join(format!("w{i}")));
         }
         let _ = fs::remove_dir(&self.attach);
+    }
+}
+
+/// An empty `cgroup/sock_create` program (`r0 = 1; exit`), loaded and linked with raw `bpf(2)`
+/// calls so that no object file is needed; closing it detaches and unloads it.
+struct EmptyProgram {
+    prog: std::os::fd::OwnedFd,
+    _link: std::os::fd::OwnedFd,
+}
+
+impl EmptyProgram {
+    const NAME: &'static str = "empty_floor";
+
+    fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> Result<std::os::fd::OwnedFd> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: attr is a zero-padded `union bpf_attr` of the size passed.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: the kernel returned a new descriptor.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    fn attach(cgroup: &Path) -> Result<Self> {
+        use std::os::fd::AsRawFd;
+        const BPF_PROG_LOAD: libc::c_long = 5;
+        const BPF_LINK_CREATE: libc::c_long = 28;
+        const BPF_PROG_TYPE_CGROUP_SOCK: u32 = 9;
+        const BPF_CGROUP_INET_SOCK_CREATE: u32 = 2;
+        // mov64 r0, 1; exit
+        let insns: [u64; 2] = [
+            u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]),
+            u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+        ];
+        let license = c"GPL";
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&BPF_PROG_TYPE_CGROUP_SOCK.to_ne_bytes());
+        attr[4..8].copy_from_slice(&(insns.len() as u32).to_ne_bytes());
+        attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+        attr[48..48 + Self::NAME.len()].copy_from_slice(Self::NAME.as_bytes());
+        attr[68..72].copy_from_slice(&BPF_CGROUP_INET_SOCK_CREATE.to_ne_bytes());
+        let prog = Self::bpf(BPF_PROG_LOAD, &mut attr).context("loading the empty program")?;
+        let dir =
+            fs::File::open(cgroup).with_context(|| format!("opening {}", cgroup.display()))?;
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+        attr[4..8].copy_from_slice(&(dir.as_raw_fd() as u32).to_ne_bytes());
+        attr[8..12].copy_from_slice(&BPF_CGROUP_INET_SOCK_CREATE.to_ne_bytes());
+        let link = Self::bpf(BPF_LINK_CREATE, &mut attr)
+            .with_context(|| format!("linking the empty program to {}", cgroup.display()))?;
+        Ok(Self { prog, _link: link })
+    }
+
+    /// The program's id, from its descriptor's fdinfo.
+    fn id(&self) -> Result<u32> {
+        use std::os::fd::AsRawFd;
+        let path = format!("/proc/self/fdinfo/{}", self.prog.as_raw_fd());
+        fs::read_to_string(&path)?
+            .lines()
+            .find_map(|l| l.strip_prefix("prog_id:"))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("{path} has no prog_id"))
     }
 }
