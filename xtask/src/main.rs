@@ -6,6 +6,7 @@ mod bench_audit;
 mod bench_grpc;
 mod bench_guard;
 mod bench_overhead;
+mod bench_pods;
 mod cache;
 mod fuzz;
 mod image;
@@ -43,6 +44,12 @@ enum Cmd {
     /// What the agent costs: syscalls it never decides, socket() by class, BPF time per program,
     /// 10 vs 10,000 rules; without and with the agent, side by side in one run
     BenchOverhead(bench_overhead::BenchOverheadArgs),
+    /// Pods in the test cluster: the time from a container's start to its rules, the agent's
+    /// CPU and memory over a churn of pods and with many pods on the node.
+    BenchPods(bench_pods::BenchPodsArgs),
+    /// What bench-pods runs inside the cluster's environment.
+    #[command(hide = true)]
+    BenchPodsRun(bench_pods::BenchPodsRunArgs),
     /// Single-node Kubernetes test cluster: build, start, stop, status, kubectl, test
     K8s(k8s::K8sArgs),
     /// Write the agent's OCI image archive to target/image/icmp-guard.tar (no pulls)
@@ -75,6 +82,8 @@ fn main() -> ExitCode {
         Cmd::VmSystemd(args) => vm::systemd::run(args),
         Cmd::BenchAudit(args) => bench_audit::run(args),
         Cmd::BenchOverhead(args) => bench_overhead::run(args),
+        Cmd::BenchPods(args) => bench_pods::run(args),
+        Cmd::BenchPodsRun(args) => bench_pods::run_inside(args),
         Cmd::K8s(args) => k8s::run(args),
         Cmd::Image(args) => image::run(args),
         Cmd::ImageTest(args) => image::import_test::run(args),
