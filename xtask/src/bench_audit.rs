@@ -408,20 +408,8 @@ fn workspace_root() -> PathBuf {
 }
 
 /// Builds icmp-guard in release mode and checks that it has the `audit` subcommand.
-fn icmp_guard_binary(root: &Path, given: Option<PathBuf>) -> Result<PathBuf> {
-    let bin = match given {
-        Some(b) => b,
-        None => {
-            let status = Command::new(env!("CARGO"))
-                .args(["build", "--release", "-p", "icmp-guard"])
-                .current_dir(root)
-                .status()?;
-            if !status.success() {
-                bail!("cargo build --release -p icmp-guard failed");
-            }
-            root.join("target/release/icmp-guard")
-        }
-    };
+fn icmp_guard_binary(given: Option<PathBuf>) -> Result<PathBuf> {
+    let bin = crate::bench_agent::release_agent(given)?;
     let help = Command::new(&bin)
         .args(["audit", "--help"])
         .output()
@@ -578,7 +566,7 @@ pub fn run(args: BenchAuditArgs) -> Result<()> {
         cfn.display(),
         tf.display()
     );
-    let icmp_guard = icmp_guard_binary(&root, args.icmp_guard)?;
+    let icmp_guard = icmp_guard_binary(args.icmp_guard)?;
     let checkov = if args.skip_checkov {
         None
     } else {

@@ -396,20 +396,7 @@ pub fn run(args: BenchGuardArgs) -> Result<()> {
             bail!("{tool} is missing: run `bash scripts/setup.sh`");
         }
     }
-    let root = crate::vm::workspace_root();
-    let agent = match args.agent {
-        Some(a) => a,
-        None => {
-            let st = Command::new(crate::vm::cargo_bin())
-                .args(["build", "--release", "-p", "icmp-guard"])
-                .current_dir(&root)
-                .status()?;
-            if !st.success() {
-                bail!("cargo build --release failed");
-            }
-            root.join("target/release/icmp-guard")
-        }
-    };
+    let agent = crate::bench_agent::release_agent(args.agent)?;
     let me = std::env::current_exe()?;
     let dir = std::env::temp_dir().join(format!("icmpg-bench-{}", std::process::id()));
     fs::create_dir_all(&dir)?;

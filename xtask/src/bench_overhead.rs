@@ -206,19 +206,6 @@ fn start_agent(agent: &Path, policy: &Path, config: &Path, cgroup: &Path) -> Res
     bail!("the agent did not start; its log:\n{}", log.join("\n"))
 }
 
-fn cgroup2_mount() -> Result<PathBuf> {
-    let mounts = fs::read_to_string("/proc/self/mountinfo")?;
-    mounts
-        .lines()
-        .find_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            right
-                .starts_with("cgroup2 ")
-                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
-        })
-        .context("no cgroup v2 mount")
-}
-
 /// Nine files besides this executable, with distinct identities, as further `fromSource`
 /// paths: the rules must be real entries, not duplicates of one key.
 const OTHER_SOURCES: [&str; 9] = [
@@ -324,21 +311,9 @@ pub fn run(args: BenchOverheadArgs) -> Result<()> {
     if args.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
-    let root = crate::vm::workspace_root();
-    let agent = match args.agent {
-        Some(a) => fs::canonicalize(&a).with_context(|| format!("agent {}", a.display()))?,
-        None => {
-            let st = Command::new(crate::vm::cargo_bin())
-                .args(["build", "--release", "-p", "icmp-guard"])
-                .current_dir(&root)
-                .status()?;
-            if !st.success() {
-                bail!("cargo build --release failed");
-            }
-            root.join("target/release/icmp-guard")
-        }
-    };
-    let cg2 = cgroup2_mount()?;
+    let agent = crate::bench_agent::release_agent(args.agent)?;
+    let agent = fs::canonicalize(&agent).with_context(|| format!("agent {}", agent.display()))?;
+    let cg2 = crate::bench_agent::cgroup2_mount()?;
     let rel = PathBuf::from(format!("icmp-guard-bench-{}", std::process::id()));
     let attach = cg2.join(&rel);
     // The bench process is workload w0 in both configurations.

@@ -50,20 +50,8 @@ pub struct BenchPodsRunArgs {
 }
 
 pub fn run(args: BenchPodsArgs) -> Result<()> {
-    let root = crate::vm::workspace_root();
-    let agent = match args.agent {
-        Some(a) => fs::canonicalize(&a).with_context(|| format!("agent {}", a.display()))?,
-        None => {
-            let st = Command::new(crate::vm::cargo_bin())
-                .args(["build", "--release", "-p", "icmp-guard"])
-                .current_dir(&root)
-                .status()?;
-            if !st.success() {
-                bail!("cargo build --release failed");
-            }
-            root.join("target/release/icmp-guard")
-        }
-    };
+    let agent = crate::bench_agent::release_agent(args.agent)?;
+    let agent = fs::canonicalize(&agent).with_context(|| format!("agent {}", agent.display()))?;
     let me = std::env::current_exe()?;
     crate::k8s::test::run(crate::k8s::test::TestArgs {
         cmd: vec![
