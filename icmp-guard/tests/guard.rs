@@ -901,7 +901,7 @@ fn probe_in(topo: &Topo) -> Value {
     let netns = std::fs::File::open(format!("/run/netns/{}", topo.node.0)).unwrap();
     let fd = netns.as_raw_fd();
     let mut cmd = Command::new(agent_bin());
-    cmd.args(["probe", "--json"]);
+    cmd.args(["probe", "--json", "--iface", "all"]);
     // SAFETY: setns on a descriptor this process holds open.
     unsafe {
         cmd.pre_exec(move || {
@@ -925,12 +925,14 @@ fn probe_in(topo: &Topo) -> Value {
 fn probe_names_native_xdp_per_interface() {
     let topo = Topo::new(false);
     let report = probe_in(&topo);
-    let list = report["guard"]["Ok"]
+    assert_eq!(report["guard"]["tried"], true, "{report}");
+    let list = report["guard"]["interfaces"]
         .as_array()
         .unwrap_or_else(|| panic!("{report}"));
     assert_eq!(list.len(), 1, "only the namespace's veth: {report}");
     assert_eq!(list[0]["name"], topo.node_if.as_str());
-    assert_eq!(list[0]["native_xdp"]["Ok"], "native");
+    assert_eq!(list[0]["native_xdp"], true, "{report}");
+    assert_eq!(list[0]["detail"], "native", "{report}");
     // A jumbo MTU does not fit one page: native XDP needs the multi-buffer program.
     in_ns_ok(
         &topo.peer.0,
@@ -942,7 +944,11 @@ fn probe_names_native_xdp_per_interface() {
     );
     let report = probe_in(&topo);
     assert_eq!(
-        report["guard"]["Ok"][0]["native_xdp"]["Ok"], "native-multi-buffer",
+        report["guard"]["interfaces"][0]["native_xdp"], true,
+        "{report}"
+    );
+    assert_eq!(
+        report["guard"]["interfaces"][0]["detail"], "native, multi-buffer program (for the MTU)",
         "{report}"
     );
 }

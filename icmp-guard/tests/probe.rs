@@ -47,11 +47,14 @@ fn key_paths(v: &Value, prefix: &str, out: &mut BTreeSet<String>) {
         }
         Value::Array(items) => {
             for item in items {
-                assert!(
-                    !item.is_object() && !item.is_array(),
-                    "`{prefix}` holds nested structures"
-                );
-                key_paths(item, prefix, out);
+                assert!(!item.is_array(), "`{prefix}` holds arrays of arrays");
+                // The keys of objects in an array are documented as `array[].key`.
+                let inner = if item.is_object() {
+                    format!("{prefix}[]")
+                } else {
+                    prefix.to_string()
+                };
+                key_paths(item, &inner, out);
             }
         }
         Value::Null => panic!("`{prefix}` is null; the schema has no nulls"),
