@@ -251,6 +251,15 @@ pub fn start(layout: &Layout, fresh: bool) -> Result<Started> {
         }
     }
     preflight()?;
+    // On cgroup v1 hybrid the kubelet's cgroupfs driver makes `kubepods` in the v1 hierarchies
+    // only; runc makes it in cgroup2 with the first container. The agent attaches there
+    // (`--cgroup …/unified/kubepods`) and may start before any pod: it is made here, and
+    // removed by `stop` with the other kubepods directories.
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    if unified.join("cgroup.controllers").exists() {
+        fs::create_dir_all(unified.join("kubepods"))
+            .context("creating /sys/fs/cgroup/unified/kubepods")?;
+    }
 
     for d in [
         layout.pids(),
