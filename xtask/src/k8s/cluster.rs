@@ -787,6 +787,14 @@ pub fn test_env(layout: &Layout, node: &str) -> Vec<(&'static str, String)> {
         ("ICMP_GUARD_CONTAINERD_SOCK", p(layout.containerd_sock())),
         ("ICMP_GUARD_K8S_NODE", node.to_string()),
         ("ICMP_GUARD_TESTBOX_IMAGE", super::TESTBOX_IMAGE.to_string()),
+        // This very xtask, for tests that build the agent's image (`xtask image --agent`):
+        // `cargo xtask` cannot run inside `cargo test`, which holds the build directory's lock.
+        (
+            "ICMP_GUARD_XTASK",
+            std::env::current_exe()
+                .map(p)
+                .unwrap_or_else(|_| "xtask".to_string()),
+        ),
     ]
 }
 
