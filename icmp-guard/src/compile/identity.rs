@@ -436,6 +436,21 @@ mod tests {
     }
 
     #[test]
+    fn node_paths_are_reached_through_the_root_of_a_process_of_the_node() {
+        let ping = Path::new("/usr/bin/ping");
+        assert_eq!(HostRoot::Own.path(ping), ping);
+        assert_eq!(
+            HostRoot::Process(42).path(ping),
+            Path::new("/proc/42/root/usr/bin/ping")
+        );
+        assert_eq!(HostRoot::Own.mountinfo(), Path::new("/proc/self/mountinfo"));
+        assert_eq!(
+            HostRoot::Process(42).mountinfo(),
+            Path::new("/proc/42/mountinfo")
+        );
+    }
+
+    #[test]
     fn a_symlink_and_its_target_are_one_executable() {
         let dir = std::env::temp_dir().join(format!("icmp-guard-id-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
