@@ -30,21 +30,24 @@ for t in enforcement kubearmor_scenario grpc guard; do
   }
 done
 
-echo "== Kubernetes: pods as workloads in a single-node cluster (cargo xtask k8s test)"
+echo "== Kubernetes: pods as workloads and the DaemonSet in a single-node cluster (cargo xtask k8s test)"
 # Built first, so that the cluster runs only while the tests do. The harness builds the
 # cluster once (cached outside the clone), starts it with an empty etcd, runs the suite and
 # always stops it, restoring the host.
-cargo test --release -p icmp-guard --features k8s-tests --test kubernetes --no-run
+cargo test --release -p icmp-guard --features k8s-tests --test kubernetes \
+  --test kubernetes_daemonset --no-run
 cargo xtask k8s test -- cargo test --release -p icmp-guard --features k8s-tests \
-  --test kubernetes -- --test-threads=1 2>&1 | tee target/k8s-tests.log
+  --test kubernetes --test kubernetes_daemonset -- --test-threads=1 2>&1 | tee target/k8s-tests.log
 if grep -E "test result: .* [1-9][0-9]* ignored" target/k8s-tests.log; then
   echo "test.sh: some Kubernetes tests were ignored" >&2
   exit 1
 fi
-grep -A2 "Running tests/kubernetes.rs" target/k8s-tests.log | grep -qE "running [1-9]" || {
-  echo "test.sh: the Kubernetes tests did not run" >&2
-  exit 1
-}
+for t in kubernetes kubernetes_daemonset; do
+  grep -A2 "Running tests/$t.rs" target/k8s-tests.log | grep -qE "running [1-9]" || {
+    echo "test.sh: the $t tests did not run" >&2
+    exit 1
+  }
+done
 
 echo "== container image (built here, imported into a private containerd and podman)"
 cargo xtask image-test 2>&1 | tee target/image-test.log

@@ -167,6 +167,8 @@ pub(crate) struct Shared {
 
 pub fn run(args: RunArgs) -> Result<()> {
     crate::kernel::enforcer::check_root()?;
+    crate::compile::identity::require_initial_pid_namespace()?;
+    info!("{}", crate::compile::identity::HostRoot::explain());
     let config = match &args.config {
         Some(p) => crate::sources::config::load(p).map_err(|e| anyhow!("{e}"))?,
         None => AgentConfig::default(),

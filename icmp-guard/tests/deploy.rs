@@ -61,7 +61,7 @@ fn deployed_run_flags_parse() {
         args: icmp_guard::agent::RunArgs,
     }
     let manifest =
-        std::fs::read_to_string(repo().join("deploy/kubernetes/daemonset.yaml")).unwrap();
+        std::fs::read_to_string(repo().join("deploy/kubernetes/04-daemonset.yaml")).unwrap();
     let args: Vec<String> = manifest
         .lines()
         .map(str::trim)
@@ -75,6 +75,13 @@ fn deployed_run_flags_parse() {
     let run = Run::try_parse_from(std::iter::once("run".to_string()).chain(args))
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(run.args.serve.grpc.grpc_insecure);
+    assert!(run.args.kubernetes.in_cluster);
+    // The kubelet expands `$(ICMP_GUARD_CGROUP)` from the ConfigMap's `cgroup` key.
+    assert_eq!(
+        run.args.cgroup.as_deref(),
+        Some(std::path::Path::new("$(ICMP_GUARD_CGROUP)"))
+    );
+    assert!(manifest.contains("configMapKeyRef: {name: icmp-guard-config, key: cgroup}"));
     assert_eq!(run.args.serve.grpc.grpc_health.unwrap().port(), 32766);
     for port in [
         "containerPort: 32767",
@@ -100,23 +107,39 @@ fn deployed_run_flags_parse() {
     }
 }
 
-#[test]
-fn daemonset_policy_parses() {
-    let manifest =
-        std::fs::read_to_string(repo().join("deploy/kubernetes/daemonset.yaml")).unwrap();
+/// The ConfigMap's block (`  KEY: |`) as the file it becomes in the pod.
+fn config_map_file(manifest: &str, key: &str) -> String {
+    let header = format!("  {key}: |\n");
     let start = manifest
-        .find("  host-allow-ping.yaml: |\n")
-        .expect("policy in the ConfigMap")
-        + "  host-allow-ping.yaml: |\n".len();
-    let body: String = manifest[start..]
+        .find(&header)
+        .unwrap_or_else(|| panic!("{key} in the ConfigMap"))
+        + header.len();
+    manifest[start..]
         .lines()
-        .take_while(|l| l.starts_with("    "))
-        .map(|l| format!("{}\n", &l[4..]))
-        .collect();
+        .take_while(|l| l.starts_with("    ") || l.is_empty())
+        .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+        .collect()
+}
+
+#[test]
+fn daemonset_policy_and_config_parse() {
+    let manifest =
+        std::fs::read_to_string(repo().join("deploy/kubernetes/03-config.yaml")).unwrap();
+    let body = config_map_file(&manifest, "host-allow-ping.yaml");
     let loaded =
-        icmp_guard::sources::policy::kubearmor::parse_str(&body, "daemonset.yaml".as_ref())
+        icmp_guard::sources::policy::kubearmor::parse_str(&body, "03-config.yaml".as_ref())
             .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(loaded.set.policies.len(), 1);
     assert_eq!(loaded.set.policies[0].name, "host-allow-ping");
-    assert!(manifest.contains("--policy=/etc/icmp-guard/policies"));
+    let dir = std::env::temp_dir().join(format!("icmp-guard-deploy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(&config, config_map_file(&manifest, "config.yaml")).unwrap();
+    let parsed = icmp_guard::sources::config::load(&config).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(parsed.cluster_name, "default");
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(manifest.contains("  cgroup: /sys/fs/cgroup/unified/kubepods\n"));
+    let ds = std::fs::read_to_string(repo().join("deploy/kubernetes/04-daemonset.yaml")).unwrap();
+    assert!(ds.contains("--policy=/etc/icmp-guard/policies"));
+    assert!(ds.contains("--config=/etc/icmp-guard/config/config.yaml"));
 }

@@ -738,6 +738,9 @@ fn the_api_server_stopped_for_30_s() {
 #[test]
 fn an_invalid_policy_gets_an_event_and_changes_nothing() {
     let ns = Namespace::new("ig-invalid");
+    // Every update the agent applies counts below: none may come from an earlier test's
+    // objects going away.
+    wait_for_other_namespaces_to_empty(&ns.name);
     let agent = start_agent();
     ns.apply(&ns.pod("nginx", &[("app", "nginx")], None));
     let pod = ns.ready("nginx");

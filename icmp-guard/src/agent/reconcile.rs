@@ -25,7 +25,7 @@ use super::{Mode, Shared, hostname};
 use crate::{
     compile::{
         self, Compiled, Postures,
-        identity::{ExecutableId, Resolver},
+        identity::{ExecutableId, HostRoot, Resolver},
     },
     sources::{
         config::{AgentConfig, PostureScope},
@@ -750,14 +750,14 @@ pub(crate) async fn apply(
 
 /// Wakes the rounds whenever the mount table changes: the runtime mounts a container's root
 /// filesystem before it makes the container's cgroup, and a round woken then has the
-/// container's rules in force before its first process runs. (`/proc/self/mountinfo` reports
-/// a change as `POLLPRI`.)
+/// container's rules in force before its first process runs. (`/proc/PID/mountinfo` reports
+/// a change as `POLLPRI`; the node's table ([`HostRoot`]) when the agent runs in a container.)
 fn watch_mounts(wake: Arc<Notify>) {
     let spawned = std::thread::Builder::new()
         .name("mount-watch".into())
         .spawn(move || {
             use std::os::fd::AsRawFd;
-            let file = match std::fs::File::open("/proc/self/mountinfo") {
+            let file = match std::fs::File::open(HostRoot::get().mountinfo()) {
                 Ok(f) => f,
                 Err(e) => {
                     warn!(

@@ -55,8 +55,17 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    /// The agent's own view: `/` and `/proc/self/mountinfo`.
+    /// The node's view: `/` and `/proc/self/mountinfo` when the agent shares pid 1's mount
+    /// namespace, else pid 1's root and mount table ([`HostRoot`]).
     pub fn host() -> Result<Self> {
+        match HostRoot::get() {
+            HostRoot::Own => Self::own(),
+            HostRoot::Process(pid) => Self::for_process(pid),
+        }
+    }
+
+    /// The agent's own view: `/` and `/proc/self/mountinfo`.
+    pub fn own() -> Result<Self> {
         let mountinfo = Process::myself()
             .and_then(|p| p.mountinfo())
             .context("reading /proc/self/mountinfo")?;
@@ -74,10 +83,11 @@ impl Resolver {
         Self::from_mountinfo(Path::new(&format!("/proc/{pid}/root")), &mountinfo)
     }
 
-    /// Paths inside the directory `dir` of the agent's mount namespace, taken as a root: a
-    /// container's root filesystem as its runtime mounted it.
+    /// Paths inside the directory `dir`, taken as a root: a container's root filesystem as its
+    /// runtime mounted it on the node, reached from the agent (through `/proc/1/root` when the
+    /// agent runs in a container: [`HostRoot::path`]); devices from the node's mount table.
     pub fn of_mount(dir: &Path) -> Result<Self> {
-        Self::new(dir, Path::new("/proc/self/mountinfo"))
+        Self::new(dir, &HostRoot::get().mountinfo())
     }
 
     /// Paths under `root`, devices from the mountinfo file at `mountinfo`.
@@ -134,6 +144,152 @@ impl Resolver {
         })?;
         Ok(ExecutableId { dev, ino })
     }
+}
+
+/// Where the node's own paths are, as the agent reaches them: its own root, or the root of a
+/// process of the node when the agent runs in a container of its own with the host's pid
+/// namespace (a DaemonSet pod with `hostPID: true`). Host policies and the embedded default
+/// name the node's files, which the image's root does not hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostRoot {
+    /// The agent shares the node's mount namespace: `/` and `/proc/self/mountinfo`.
+    Own,
+    /// The agent's mount namespace is not the node's: `/proc/PID/root` and
+    /// `/proc/PID/mountinfo` of this process of the node (pid 1, or the container runtime's
+    /// shim when pid 1 cannot be read).
+    Process(u32),
+}
+
+impl HostRoot {
+    /// Found once per process (mount namespaces do not change under a running agent).
+    pub fn get() -> HostRoot {
+        Self::detected().0
+    }
+
+    /// What [`HostRoot::get`] found and why, for the agent's log.
+    pub fn explain() -> &'static str {
+        &Self::detected().1
+    }
+
+    fn detected() -> &'static (HostRoot, String) {
+        static ROOT: std::sync::OnceLock<(HostRoot, String)> = std::sync::OnceLock::new();
+        ROOT.get_or_init(Self::detect)
+    }
+
+    /// Compares the agent's mount namespace (the inode of `/proc/self/ns/mnt`) with pid 1's;
+    /// where pid 1's cannot be read (a pid 1 that refuses even root's ptrace access), with its
+    /// ancestors': the nearest one in another namespace is the container runtime's shim, which
+    /// runs in the node's. Also says what it found, for the agent's log.
+    fn detect() -> (HostRoot, String) {
+        use std::os::unix::fs::MetadataExt;
+        let ns = |pid: &str| std::fs::metadata(format!("/proc/{pid}/ns/mnt")).map(|m| m.ino());
+        let mine = match ns("self") {
+            Ok(m) => m,
+            Err(e) => {
+                return (
+                    HostRoot::Own,
+                    format!("host paths resolve in / (cannot read /proc/self/ns/mnt: {e})"),
+                );
+            }
+        };
+        let init_err = match ns("1") {
+            Ok(init) if init == mine => {
+                return (
+                    HostRoot::Own,
+                    format!(
+                        "host paths resolve in / (the agent shares pid 1's mount namespace \
+                         mnt:[{mine}])"
+                    ),
+                );
+            }
+            Ok(init) => {
+                return (
+                    HostRoot::Process(1),
+                    format!(
+                        "host paths resolve through /proc/1/root (the agent runs in a container: \
+                         its mount namespace mnt:[{mine}] is not pid 1's mnt:[{init}])"
+                    ),
+                );
+            }
+            Err(e) => e,
+        };
+        let mut pid = std::process::id();
+        for _ in 0..64 {
+            let Some(parent) = parent_of(pid).filter(|p| *p > 1) else {
+                break;
+            };
+            match ns(&parent.to_string()) {
+                Ok(theirs) if theirs != mine => {
+                    let comm =
+                        std::fs::read_to_string(format!("/proc/{parent}/comm")).unwrap_or_default();
+                    return (
+                        HostRoot::Process(parent),
+                        format!(
+                            "host paths resolve through /proc/{parent}/root (the agent runs in a \
+                             container: its mount namespace mnt:[{mine}] is not that of its \
+                             ancestor {parent} ({}), mnt:[{theirs}], the container runtime's; \
+                             pid 1's cannot be read: {init_err})",
+                            comm.trim()
+                        ),
+                    );
+                }
+                Ok(_) => pid = parent,
+                Err(_) => break,
+            }
+        }
+        (
+            HostRoot::Own,
+            format!(
+                "host paths resolve in / (the agent's ancestors share its mount namespace \
+                 mnt:[{mine}]; pid 1's cannot be read: {init_err})"
+            ),
+        )
+    }
+
+    /// The mount table of the node's mount namespace.
+    pub fn mountinfo(self) -> PathBuf {
+        match self {
+            HostRoot::Own => PathBuf::from("/proc/self/mountinfo"),
+            HostRoot::Process(pid) => PathBuf::from(format!("/proc/{pid}/mountinfo")),
+        }
+    }
+
+    /// A path of the node (absolute) as the agent reaches it.
+    pub fn path(self, node_path: &Path) -> PathBuf {
+        match self {
+            HostRoot::Own => node_path.to_path_buf(),
+            HostRoot::Process(pid) => Path::new(&format!("/proc/{pid}/root"))
+                .join(node_path.strip_prefix("/").unwrap_or(node_path)),
+        }
+    }
+}
+
+/// `PROC_PID_INIT_INO`: the inode of the initial pid namespace, fixed by the kernel.
+const INITIAL_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
+
+/// Fails unless this process is in the initial pid namespace: the kernel programs know the
+/// agent by its pid there (`bpf_get_current_pid_tgid`), never decide its sockets, and report the
+/// node's pids in alerts. In a container of its own pid namespace `getpid()` is another number.
+pub fn require_initial_pid_namespace() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata("/proc/self/ns/pid")
+        .map(|m| m.ino())
+        .context("reading /proc/self/ns/pid")?;
+    if ino != INITIAL_PID_NAMESPACE {
+        return Err(anyhow!(
+            "the agent runs in a pid namespace of its own (pid:[{ino}]): the kernel programs \
+             would not recognise it as the agent; run it in the host's pid namespace \
+             (`hostPID: true` in a pod, `--pid=host` for podman or docker)"
+        ));
+    }
+    Ok(())
+}
+
+/// The parent of `pid`, from `/proc/PID/stat`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let pid = i32::try_from(pid).ok()?;
+    let stat = Process::new(pid).ok()?.stat().ok()?;
+    u32::try_from(stat.ppid).ok()
 }
 
 /// mount id → kernel `dev_t` (`major << 20 | minor`), from each mount's `MAJOR:MINOR`, which is
@@ -276,6 +432,21 @@ mod tests {
         assert_eq!(
             from_file.resolve(&exe).unwrap(),
             host.resolve(&exe).unwrap()
+        );
+    }
+
+    #[test]
+    fn node_paths_are_reached_through_the_root_of_a_process_of_the_node() {
+        let ping = Path::new("/usr/bin/ping");
+        assert_eq!(HostRoot::Own.path(ping), ping);
+        assert_eq!(
+            HostRoot::Process(42).path(ping),
+            Path::new("/proc/42/root/usr/bin/ping")
+        );
+        assert_eq!(HostRoot::Own.mountinfo(), Path::new("/proc/self/mountinfo"));
+        assert_eq!(
+            HostRoot::Process(42).mountinfo(),
+            Path::new("/proc/42/mountinfo")
         );
     }
 

@@ -21,7 +21,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::sources::{kubernetes::pods::Qos, workload::ContainerRoot};
+use crate::{
+    compile::identity::HostRoot,
+    sources::{kubernetes::pods::Qos, workload::ContainerRoot},
+};
 
 /// How the kubelet names pod cgroups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
@@ -124,8 +127,13 @@ pub fn discover(pod_cgroup: &Path, rootfs: &HashMap<String, PathBuf>) -> Vec<Con
         return Vec::new();
     };
     // The roots a process has before the runtime moves it into the container's: the host's
-    // (pid 1's, where the agent may read it) and the agent's own.
-    let outside: Vec<(u64, u64)> = [root_identity(1), own_root_identity()]
+    // (pid 1's, where the agent may read it, or that of the node's process the agent resolves
+    // host paths through) and the agent's own.
+    let node = match HostRoot::get() {
+        HostRoot::Own => None,
+        HostRoot::Process(pid) => root_identity(pid),
+    };
+    let outside: Vec<(u64, u64)> = [root_identity(1), own_root_identity(), node]
         .into_iter()
         .flatten()
         .collect();
@@ -196,12 +204,20 @@ fn pod_uid_in(cgroups_path: &str) -> Option<String> {
     })
 }
 
-/// containerd's mounts of container root filesystems in this mount namespace, by container id:
-/// `<state>/io.containerd.runtime.v2.task/<namespace>/<id>/rootfs`. CRI-O and Docker name
-/// theirs by storage layer instead; their containers wait for a settled process.
+/// containerd's mounts of container root filesystems in the node's mount namespace, by
+/// container id: `<state>/io.containerd.runtime.v2.task/<namespace>/<id>/rootfs`, as the agent
+/// reaches them ([`HostRoot`]: through the node's root when the agent runs in a container).
+/// CRI-O and Docker name theirs by storage layer instead; their containers wait for a settled
+/// process.
 pub fn rootfs_mounts() -> HashMap<String, PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|text| parse_rootfs_mounts(&text))
+    let host = HostRoot::get();
+    std::fs::read_to_string(host.mountinfo())
+        .map(|text| {
+            parse_rootfs_mounts(&text)
+                .into_iter()
+                .map(|(id, dir)| (id, host.path(&dir)))
+                .collect()
+        })
         .unwrap_or_default()
 }
 

@@ -170,6 +170,29 @@ pub fn install_crds() {
     });
 }
 
+/// Waits until no pod and no KubeArmorPolicy of another namespace is left (earlier tests delete
+/// theirs without waiting): a test that counts the agent's updates must not see those go.
+pub fn wait_for_other_namespaces_to_empty(ns: &str) {
+    let others = |kind: &str| -> Vec<String> {
+        kubectl(&[
+            "get",
+            kind,
+            "--all-namespaces",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.namespace}/{.metadata.name}{\"\\n\"}{end}",
+        ])
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with(&format!("{ns}/")))
+        .map(str::to_string)
+        .collect()
+    };
+    wait_until(
+        Duration::from_secs(120),
+        "the pods and policies of earlier tests gone",
+        || others("pods").is_empty() && others("kubearmorpolicies").is_empty(),
+    );
+}
+
 /// A namespace of one test, deleted when dropped (with everything in it).
 pub struct Namespace {
     pub name: String,

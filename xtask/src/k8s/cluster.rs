@@ -251,6 +251,15 @@ pub fn start(layout: &Layout, fresh: bool) -> Result<Started> {
         }
     }
     preflight()?;
+    // On cgroup v1 hybrid the kubelet's cgroupfs driver makes `kubepods` in the v1 hierarchies
+    // only; runc makes it in cgroup2 with the first container. The agent attaches there
+    // (`--cgroup …/unified/kubepods`) and may start before any pod: it is made here, and
+    // removed by `stop` with the other kubepods directories.
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    if unified.join("cgroup.controllers").exists() {
+        fs::create_dir_all(unified.join("kubepods"))
+            .context("creating /sys/fs/cgroup/unified/kubepods")?;
+    }
 
     for d in [
         layout.pids(),
@@ -778,6 +787,14 @@ pub fn test_env(layout: &Layout, node: &str) -> Vec<(&'static str, String)> {
         ("ICMP_GUARD_CONTAINERD_SOCK", p(layout.containerd_sock())),
         ("ICMP_GUARD_K8S_NODE", node.to_string()),
         ("ICMP_GUARD_TESTBOX_IMAGE", super::TESTBOX_IMAGE.to_string()),
+        // This very xtask, for tests that build the agent's image (`xtask image --agent`):
+        // `cargo xtask` cannot run inside `cargo test`, which holds the build directory's lock.
+        (
+            "ICMP_GUARD_XTASK",
+            std::env::current_exe()
+                .map(p)
+                .unwrap_or_else(|_| "xtask".to_string()),
+        ),
     ]
 }
 

@@ -7,7 +7,7 @@
 //!
 //! CMD's environment: KUBECONFIG (admin, system:masters), ICMP_GUARD_K8S_STATE,
 //! ICMP_GUARD_KUBECTL, ICMP_GUARD_CONTAINERD_SOCK, ICMP_GUARD_K8S_NODE,
-//! ICMP_GUARD_TESTBOX_IMAGE.
+//! ICMP_GUARD_TESTBOX_IMAGE, ICMP_GUARD_XTASK (this xtask binary).
 
 use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicI32, Ordering};
