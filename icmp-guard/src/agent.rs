@@ -83,6 +83,10 @@ pub struct RunArgs {
     /// restarted agent to take over; then every socket is allowed again.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub stop_grace_secs: u64,
+    /// Turns off the inotify watch of the host's fromSource directories, leaving a replaced
+    /// binary to the periodic round (`cargo xtask bench-upgrade` measures both).
+    #[arg(long, hide = true)]
+    pub no_source_watch: bool,
     #[command(flatten)]
     pub kubernetes: KubernetesArgs,
     #[command(flatten)]
@@ -207,7 +211,8 @@ pub fn run(args: RunArgs) -> Result<()> {
             args.pin_dir.display()
         ),
         Arrival::Replaced { from } => info!(
-            "replaced the pinned set of layout {from} at {} with this agent's (layout {})",
+            "replacing the pinned set of layout {from} at {} with this agent's (layout {}): both \
+             decide until this agent's policy is in force, then the old one is removed",
             args.pin_dir.display(),
             crate::kernel::enforcer::LAYOUT
         ),
@@ -216,6 +221,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     rt.block_on(async move {
         let mut reconciler = Reconciler::new(source, env, &args.kubernetes).await?;
+        reconciler.watch_sources(!args.no_source_watch);
         reconciler.wait_for_cluster(Duration::from_secs(30)).await;
         let desired = reconciler.desired().await;
         let compiled = reconciler.compile(&desired)?;
