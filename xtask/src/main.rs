@@ -6,6 +6,7 @@ mod bench_audit;
 mod bench_grpc;
 mod bench_guard;
 mod bench_overhead;
+mod bench_upgrade;
 mod cache;
 mod fuzz;
 mod image;
@@ -64,6 +65,10 @@ enum Cmd {
     /// bench-guard's TCP request/response helper (runs inside its namespaces).
     #[command(hide = true)]
     Rr(bench_guard::RrArgs),
+    /// Package upgrades of an allowed binary: pings refused while `apt-get install --reinstall
+    /// iputils-ping` runs N times, with and without the inotify watch of fromSource
+    /// directories, side by side in one run.
+    BenchUpgrade(bench_upgrade::BenchUpgradeArgs),
 }
 
 fn main() -> ExitCode {
@@ -83,6 +88,7 @@ fn main() -> ExitCode {
         Cmd::BenchGrpcFlood(args) => bench_grpc::flood(args),
         Cmd::BenchGuard(args) => bench_guard::run(args),
         Cmd::Rr(args) => bench_guard::rr(args),
+        Cmd::BenchUpgrade(args) => bench_upgrade::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
