@@ -318,6 +318,57 @@ fn a_replaced_allowed_binary_stays_allowed() {
     agent.stop();
 }
 
+/// The upgrade is noticed by inotify on the binary's directory, not by the periodic round (ten
+/// minutes away here): the staged new version is allowed as soon as dpkg creates it, so the
+/// program runs the moment it is renamed into place.
+#[test]
+fn a_replaced_allowed_binary_is_applied_at_once() {
+    let cg = TestCgroup::new("upgrade-inotify");
+    let dir = scratch("upgrade-inotify");
+    let allowed = dir.join("ping");
+    std::fs::copy(PING, &allowed).unwrap();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: security.kubearmor.com/v1\nkind: KubeArmorHostPolicy\nmetadata:\n  name: upgrade-inotify\nspec:\n  nodeSelector:\n    matchLabels:\n      kubernetes.io/os: linux\n  network:\n    matchProtocols:\n    - protocol: icmp,raw\n      fromSource:\n      - path: {}\n  action: Allow\n",
+            allowed.display()
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start(AgentSpec {
+        policy: Some(&policy),
+        config: None,
+        attach: &cg.path,
+        extra: &["--refresh-ms", "600000"],
+    });
+    let staged = dir.join("ping.dpkg-new");
+    std::fs::copy(PING, &staged).unwrap();
+    agent.wait_log(
+        "refresh after a fromSource binary changed",
+        Duration::from_secs(1),
+    );
+    std::fs::rename(&staged, &allowed).unwrap();
+    // At once, before any round could see the rename.
+    let ping = allowed.to_str().unwrap();
+    let out = run_probe(&placement(&cg), &[ping, "-c", "1", "-W", "2", "127.0.0.1"]);
+    assert!(
+        out.status.success(),
+        "the upgraded binary was refused right after the rename: {}",
+        text(&out)
+    );
+    let start = std::time::Instant::now();
+    while agent.log_count("refresh after a fromSource binary changed") < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "the rename did not wake a round within 1 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(agent.log_count("that inotify did not report"), 0);
+    agent.stop();
+}
+
 #[test]
 fn audit_mode_lets_the_socket_through_and_alerts() {
     let cg = TestCgroup::new("audit");

@@ -305,12 +305,7 @@ impl SourceWatch {
     }
 }
 
-/// Where dpkg writes the new version of `path` before renaming it over.
-fn staged(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".dpkg-new");
-    PathBuf::from(s)
-}
+use compile::staged_upgrade as staged;
 
 impl Reconciler {
     pub async fn new(
@@ -685,7 +680,12 @@ impl Reconciler {
         let Ok(r) = host_resolver() else {
             return Vec::new();
         };
-        c.sources.iter().map(|p| r.resolve(p).ok()).collect()
+        // The staged new version of each too (see `compile::staged_upgrade`): its appearance
+        // is a change to apply, like its rename.
+        c.sources
+            .iter()
+            .flat_map(|p| [r.resolve(p).ok(), r.resolve(&staged(p)).ok()])
+            .collect()
     }
 
     /// Records what was applied.
