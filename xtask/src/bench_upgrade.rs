@@ -71,26 +71,51 @@ pub fn run(args: BenchUpgradeArgs) -> Result<()> {
     let _ = fs::remove_dir_all(&scratch);
     fs::create_dir_all(&scratch)?;
 
-    // The .deb first, on the host (apt's cache is shared and harmless to fill).
+    let result = bench(&agent_bin, &scratch, &tag, args.runs);
+    let _ = fs::remove_dir_all(&scratch);
+    result
+}
+
+fn bench(agent_bin: &Path, scratch: &Path, tag: &str, runs: u32) -> Result<()> {
+    // The .deb of the installed version, from the Debian mirror; apt installs it from this
+    // file each time (apt's own cache may be cleaned after every install).
     let st = Command::new("apt-get")
-        .args([
-            "-o",
-            "DPkg::Lock::Timeout=300",
-            "install",
-            "-y",
-            "--reinstall",
-            "--download-only",
-            "iputils-ping",
-        ])
+        .args(["download", "iputils-ping"])
+        .current_dir(scratch)
         .stdout(Stdio::null())
         .status()
         .context("running apt-get (install apt)")?;
     if !st.success() {
         bail!("apt-get could not download iputils-ping: check the Debian mirror in sources.list");
     }
+    let deb = fs::read_dir(scratch)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download wrote no .deb")?;
 
-    private_usr_bin(&scratch)?;
+    private_usr_bin(scratch)?;
+    let result = bench_in_namespace(agent_bin, scratch, tag, runs, &deb);
+    // The overlay and its tmpfs exist in this process's namespace only; unmounted so that the
+    // scratch directory can go.
+    for m in [c"/usr/bin".to_owned(), path_c(&scratch.join("layer"))] {
+        // SAFETY: a valid C string.
+        unsafe { libc::umount2(m.as_ptr(), libc::MNT_DETACH) };
+    }
+    result
+}
 
+fn path_c(p: &Path) -> std::ffi::CString {
+    std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("no NUL")
+}
+
+fn bench_in_namespace(
+    agent_bin: &Path,
+    scratch: &Path,
+    tag: &str,
+    runs: u32,
+    deb: &Path,
+) -> Result<()> {
     let policy = scratch.join("policy.yaml");
     fs::write(&policy, host_allow_policy("icmp,raw", Path::new(PING)))?;
     let root = cgroup2_mount()?;
@@ -112,7 +137,7 @@ pub fn run(args: BenchUpgradeArgs) -> Result<()> {
             "--no-pin",
         ];
         a.extend_from_slice(extra);
-        let agent = Agent::start(&agent_bin, &cgroup, &a)?;
+        let agent = Agent::start(agent_bin, &cgroup, &a)?;
         sides.push(Side {
             name,
             stop: scratch.join(format!("stop-{key}")),
@@ -122,7 +147,7 @@ pub fn run(args: BenchUpgradeArgs) -> Result<()> {
             pings: None,
         });
     }
-    let result = measure(&mut sides, args.runs);
+    let result = measure(&mut sides, runs, deb);
     for side in &mut sides {
         let _ = fs::write(&side.stop, "");
     }
@@ -143,7 +168,7 @@ pub fn run(args: BenchUpgradeArgs) -> Result<()> {
     println!(
         "bench-upgrade: {} reinstalls of iputils-ping in {:.0} s, ping every 10 ms in each \
          agent's cgroup",
-        args.runs,
+        runs,
         elapsed.as_secs_f64()
     );
     println!(
@@ -157,7 +182,7 @@ pub fn run(args: BenchUpgradeArgs) -> Result<()> {
         );
     }
     println!(
-        "(refused: pings that failed with EPERM/EACCES; alerts: Block alerts for {PING}; \
+        "(refused: pings whose sockets were refused; alerts: Block alerts for {PING}; \
          refreshes: rounds that applied a replaced fromSource binary; missed: WARNs that the \
          periodic round found one inotify had not reported)"
     );
@@ -166,7 +191,6 @@ pub fn run(args: BenchUpgradeArgs) -> Result<()> {
             println!("  {} failure: {s}", side.name);
         }
     }
-    let _ = fs::remove_dir_all(&scratch);
     Ok(())
 }
 
@@ -230,7 +254,7 @@ fn mount(src: &str, target: &Path, fs: &str, data: &str) -> Result<()> {
 }
 
 /// Starts the pings, runs the reinstalls, returns how long they took.
-fn measure(sides: &mut [Side], runs: u32) -> Result<Duration> {
+fn measure(sides: &mut [Side], runs: u32, deb: &Path) -> Result<Duration> {
     for side in sides.iter_mut() {
         // The shell moves itself into the cgroup before the first ping; each ping reports one
         // line.
@@ -262,9 +286,8 @@ fn measure(sides: &mut [Side], runs: u32) -> Result<Duration> {
                 "install",
                 "-y",
                 "--reinstall",
-                "--no-download",
-                "iputils-ping",
             ])
+            .arg(deb)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .output()
             .context("running apt-get")?;
@@ -290,7 +313,15 @@ fn finish(side: &mut Side) -> Result<Outcome> {
             o.pings += 1;
             if let Some(why) = line.strip_prefix("fail ") {
                 o.failed += 1;
-                if why.contains("Operation not permitted") || why.contains("Permission denied") {
+                // What ping says when both its ICMP and raw sockets are refused.
+                if [
+                    "Operation not permitted",
+                    "Permission denied",
+                    "Address family",
+                ]
+                .iter()
+                .any(|m| why.contains(m))
+                {
                     o.refused += 1;
                 }
                 if o.sample.len() < 3 {
