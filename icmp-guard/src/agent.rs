@@ -188,6 +188,13 @@ pub fn run(args: RunArgs) -> Result<()> {
     // must not take over a running agent's pinned set.
     source.load()?;
     let listeners = crate::outputs::bind(&args.serve)?;
+    // Before the slow part (BTF, loading the programs): a restart or a crash must not let the
+    // pinned set's lease lapse while this agent starts.
+    let early_lease = if args.no_pin {
+        None
+    } else {
+        pins::hold_lease(&args.pin_dir, Duration::from_secs(args.lease_secs))
+    };
     let offsets = kernel_offsets::from_running_kernel()?;
     let cgroup = match &args.cgroup {
         Some(c) => c.clone(),
@@ -204,6 +211,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         },
         &offsets,
     )?;
+    // The enforcer renews the lease now (or, replacing a set of another layout, the old one's).
+    drop(early_lease);
     match enforcer.arrival {
         Arrival::Adopted => info!(
             "adopted the pinned set at {}: its policy stays in force until this agent's is \
