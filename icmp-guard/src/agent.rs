@@ -424,13 +424,8 @@ async fn serve(
         _ = int.recv() => info!("SIGINT: stopping"),
         r = &mut reader => error!("alert reader stopped: {r:?}"),
     }
-    // First of all, the lease: a pinned set keeps deciding for the grace, for a restarted
-    // agent to adopt; alerts raised meanwhile wait in its ring buffer.
-    let pinned = shared
-        .enforcer
-        .lock()
-        .expect("enforcer lock")
-        .release(stop_grace);
+    // The lease is renewed until the last moment and the grace counted from there: a slow
+    // shutdown (seconds under qemu's TCG) must not eat the time a restarted agent has to adopt.
     // The reader holds the outputs; it must go for the writer to see the end of the stream.
     reader.abort();
     let _ = reader.await;
@@ -448,6 +443,13 @@ async fn serve(
         Ok(outputs) => outputs.close(Duration::from_secs(2)).await,
         Err(_) => warn!("alert outputs still in use at stop; the last alerts may be unwritten"),
     }
+    // Now the lease: a pinned set keeps deciding for the grace, for a restarted agent to
+    // adopt; alerts raised meanwhile wait in its ring buffer.
+    let pinned = shared
+        .enforcer
+        .lock()
+        .expect("enforcer lock")
+        .release(stop_grace);
     let (counters, decisions) = {
         let mut e = shared.enforcer.lock().expect("enforcer lock");
         (e.counters()?, e.decisions()?)

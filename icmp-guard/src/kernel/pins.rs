@@ -243,11 +243,12 @@ impl Drop for LeaseHold {
 /// A starting agent renews the lease of a set whose agent is gone (a restart after the stop
 /// grace began, a crash) before anything slow: reading the kernel's BTF and loading the
 /// programs take seconds on a slow machine (15 s under qemu's TCG), longer than the stop grace,
-/// and the set must keep deciding until this agent adopts it. A set whose lease has lapsed is
-/// left alone, and so is one whose agent still runs (it renews its own).
+/// and the set must keep deciding until this agent adopts it. A lapsed lease is renewed too:
+/// this agent adopts the set and its policy in a moment anyway. A set whose agent still runs is
+/// left alone (it renews its own).
 pub fn hold_lease(dir: &Path, lease: Duration) -> Option<LeaseHold> {
     let st = status(dir);
-    if !st.pinned || st.agent_alive || st.lease_left_ms == 0 {
+    if !st.pinned || st.agent_alive {
         return None;
     }
     let state = read_state(dir)?;
