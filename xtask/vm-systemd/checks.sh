@@ -292,9 +292,9 @@ fi
 if wanted stop; then
     systemctl stop "$UNIT"
     state="$(systemctl show -P ActiveState "$UNIT") $(systemctl show -P Result "$UNIT")"
-    # The pinned programs keep deciding for the stop grace (--stop-grace-secs, 3 s), for a
-    # restarted agent to take over; then every socket is allowed again.
-    sleep 4
+    # The pinned programs keep deciding for the stop grace (the unit's --stop-grace-secs 10),
+    # for a restarted agent to take over; then every socket is allowed again.
+    sleep 11
     results=""
     all=1
     for kind in icmp icmpv6 raw packet; do
