@@ -128,11 +128,14 @@ impl SocketLoop {
                 .collect()
         };
         let other = std::fs::read_to_string(self.dir.join("attempts.other")).unwrap();
-        Attempts {
+        let attempts = Attempts {
             refused: floats("attempts.refused"),
             opened: floats("attempts.opened"),
             other: other.lines().map(String::from).collect(),
-        }
+        };
+        // Megabytes of timestamps: not left behind.
+        let _ = std::fs::remove_dir_all(&self.dir);
+        attempts
     }
 }
 
