@@ -83,6 +83,10 @@ pub struct RunArgs {
     /// restarted agent to take over; then every socket is allowed again.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub stop_grace_secs: u64,
+    /// Turns off the inotify watch of the host's fromSource directories, leaving a replaced
+    /// binary to the periodic round (`cargo xtask bench-upgrade` measures both).
+    #[arg(long, hide = true)]
+    pub no_source_watch: bool,
     #[command(flatten)]
     pub kubernetes: KubernetesArgs,
     #[command(flatten)]
@@ -186,6 +190,13 @@ pub fn run(args: RunArgs) -> Result<()> {
     // must not take over a running agent's pinned set.
     source.load()?;
     let listeners = crate::outputs::bind(&args.serve)?;
+    // Before the slow part (BTF, loading the programs): a restart or a crash must not let the
+    // pinned set's lease lapse while this agent starts.
+    let early_lease = if args.no_pin {
+        None
+    } else {
+        pins::hold_lease(&args.pin_dir, Duration::from_secs(args.lease_secs))
+    };
     let offsets = kernel_offsets::from_running_kernel()?;
     let cgroup = match &args.cgroup {
         Some(c) => c.clone(),
@@ -202,6 +213,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         },
         &offsets,
     )?;
+    // The enforcer renews the lease now (or, replacing a set of another layout, the old one's).
+    drop(early_lease);
     match enforcer.arrival {
         Arrival::Adopted => info!(
             "adopted the pinned set at {}: its policy stays in force until this agent's is \
@@ -209,7 +222,8 @@ pub fn run(args: RunArgs) -> Result<()> {
             args.pin_dir.display()
         ),
         Arrival::Replaced { from } => info!(
-            "replaced the pinned set of layout {from} at {} with this agent's (layout {})",
+            "replacing the pinned set of layout {from} at {} with this agent's (layout {}): both \
+             decide until this agent's policy is in force, then the old one is removed",
             args.pin_dir.display(),
             crate::kernel::enforcer::LAYOUT
         ),
@@ -218,6 +232,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     rt.block_on(async move {
         let mut reconciler = Reconciler::new(source, env, &args.kubernetes).await?;
+        reconciler.watch_sources(!args.no_source_watch);
         reconciler.wait_for_cluster(Duration::from_secs(30)).await;
         let desired = reconciler.desired().await;
         let compiled = reconciler.compile(&desired)?;
@@ -411,13 +426,8 @@ async fn serve(
         _ = int.recv() => info!("SIGINT: stopping"),
         r = &mut reader => error!("alert reader stopped: {r:?}"),
     }
-    // First of all, the lease: a pinned set keeps deciding for the grace, for a restarted
-    // agent to adopt; alerts raised meanwhile wait in its ring buffer.
-    let pinned = shared
-        .enforcer
-        .lock()
-        .expect("enforcer lock")
-        .release(stop_grace);
+    // The lease is renewed until the last moment and the grace counted from there: a slow
+    // shutdown (seconds under qemu's TCG) must not eat the time a restarted agent has to adopt.
     // The reader holds the outputs; it must go for the writer to see the end of the stream.
     reader.abort();
     let _ = reader.await;
@@ -435,6 +445,13 @@ async fn serve(
         Ok(outputs) => outputs.close(Duration::from_secs(2)).await,
         Err(_) => warn!("alert outputs still in use at stop; the last alerts may be unwritten"),
     }
+    // Now the lease: a pinned set keeps deciding for the grace, for a restarted agent to
+    // adopt; alerts raised meanwhile wait in its ring buffer.
+    let pinned = shared
+        .enforcer
+        .lock()
+        .expect("enforcer lock")
+        .release(stop_grace);
     let (counters, decisions) = {
         let mut e = shared.enforcer.lock().expect("enforcer lock");
         (e.counters()?, e.decisions()?)

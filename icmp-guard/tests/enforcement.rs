@@ -318,6 +318,60 @@ fn a_replaced_allowed_binary_stays_allowed() {
     agent.stop();
 }
 
+/// The upgrade is noticed by inotify on the binary's directory, not by the periodic round (ten
+/// minutes away here): the staged new version is allowed as soon as dpkg creates it, so the
+/// program runs the moment it is renamed into place.
+#[test]
+fn a_replaced_allowed_binary_is_applied_at_once() {
+    let cg = TestCgroup::new("upgrade-inotify");
+    let dir = scratch("upgrade-inotify");
+    let allowed = dir.join("ping");
+    std::fs::copy(PING, &allowed).unwrap();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: security.kubearmor.com/v1\nkind: KubeArmorHostPolicy\nmetadata:\n  name: upgrade-inotify\nspec:\n  nodeSelector:\n    matchLabels:\n      kubernetes.io/os: linux\n  network:\n    matchProtocols:\n    - protocol: icmp,raw\n      fromSource:\n      - path: {}\n  action: Allow\n",
+            allowed.display()
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start(AgentSpec {
+        policy: Some(&policy),
+        config: None,
+        attach: &cg.path,
+        extra: &["--refresh-ms", "600000"],
+    });
+    // Any update counts (the log names its cause, which depends on what else the round saw):
+    // with the periodic round ten minutes away, only inotify can have woken it.
+    let applied = |n: usize, what: &str| {
+        let start = std::time::Instant::now();
+        while agent.log_count("applied as update") < n {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "{what} did not wake a round within 5 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let before = agent.log_count("applied as update");
+    let staged = dir.join("ping.dpkg-new");
+    std::fs::copy(PING, &staged).unwrap();
+    applied(before + 1, "the staged file");
+    std::fs::rename(&staged, &allowed).unwrap();
+    // At once, before any round could see the rename.
+    let ping = allowed.to_str().unwrap();
+    let out = run_probe(&placement(&cg), &[ping, "-c", "1", "-W", "2", "127.0.0.1"]);
+    assert!(
+        out.status.success(),
+        "the upgraded binary was refused right after the rename: {}",
+        text(&out)
+    );
+    applied(before + 2, "the rename");
+    assert_eq!(agent.log_count("that inotify did not report"), 0);
+    agent.stop();
+}
+
 #[test]
 fn audit_mode_lets_the_socket_through_and_alerts() {
     let cg = TestCgroup::new("audit");

@@ -7,6 +7,7 @@ mod bench_grpc;
 mod bench_guard;
 mod bench_overhead;
 mod bench_pods;
+mod bench_upgrade;
 mod cache;
 mod fuzz;
 mod image;
@@ -71,9 +72,38 @@ enum Cmd {
     /// bench-guard's TCP request/response helper (runs inside its namespaces).
     #[command(hide = true)]
     Rr(bench_guard::RrArgs),
+    /// Package upgrades of an allowed binary: pings refused while `apt-get install --reinstall
+    /// iputils-ping` runs N times, with and without the inotify watch of fromSource
+    /// directories, side by side in one run.
+    BenchUpgrade(bench_upgrade::BenchUpgradeArgs),
+}
+
+/// `cargo xtask` runs this binary with the variables cargo sets for a package (its
+/// `CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, …). A cargo started from here would inherit them, and
+/// build scripts that declare them with `rerun-if-env-changed` (ring's, for one) would see them
+/// changed from a build started in the shell and rebuild, several minutes each time the test
+/// command goes from a shell build to an xtask one. They are removed before anything starts.
+fn forget_package_env() {
+    let ours: Vec<std::ffi::OsString> = std::env::vars_os()
+        .map(|(k, _)| k)
+        .filter(|k| {
+            let k = k.to_string_lossy();
+            k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || k.starts_with("CARGO_BIN_")
+                || k == "CARGO_CRATE_NAME"
+                || k == "CARGO_PRIMARY_PACKAGE"
+                || k == "OUT_DIR"
+        })
+        .collect();
+    for k in ours {
+        // SAFETY: called first thing in main, before any other thread exists.
+        unsafe { std::env::remove_var(k) };
+    }
 }
 
 fn main() -> ExitCode {
+    forget_package_env();
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::VmKernels(args) => vm::kernels::run(args),
@@ -92,6 +122,7 @@ fn main() -> ExitCode {
         Cmd::BenchGrpcFlood(args) => bench_grpc::flood(args),
         Cmd::BenchGuard(args) => bench_guard::run(args),
         Cmd::Rr(args) => bench_guard::rr(args),
+        Cmd::BenchUpgrade(args) => bench_upgrade::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

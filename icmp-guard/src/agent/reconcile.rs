@@ -222,7 +222,90 @@ pub struct Reconciler {
     watched: BTreeSet<PathBuf>,
     watcher: Option<notify::RecommendedWatcher>,
     wake: Arc<Notify>,
+    /// inotify on the directories of the host's `fromSource` paths (`None`: turned off).
+    sources: Option<SourceWatch>,
+    /// The source watch's event count when the last round began.
+    source_events_seen: u64,
 }
+
+/// Watches the directories of the host's `fromSource` paths, so that a package upgrade (dpkg
+/// writes `<path>.dpkg-new`, then renames it over `<path>`) is applied at once: the new file is
+/// another identity, refused until the kernel knows it. The periodic round stays as the
+/// safety net and says so when it finds a change this missed.
+struct SourceWatch {
+    watcher: notify::RecommendedWatcher,
+    dirs: BTreeSet<PathBuf>,
+    /// The paths whose creation or renaming wakes a round: each source path, where it resolves
+    /// to, and its `.dpkg-new`.
+    paths: Arc<std::sync::RwLock<BTreeSet<PathBuf>>>,
+    /// Events on those paths so far.
+    events: Arc<AtomicU64>,
+}
+
+impl SourceWatch {
+    fn new(wake: Arc<Notify>) -> notify::Result<Self> {
+        let paths: Arc<std::sync::RwLock<BTreeSet<PathBuf>>> = Arc::default();
+        let events = Arc::new(AtomicU64::new(0));
+        let watcher = {
+            let (paths, events) = (paths.clone(), events.clone());
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                let Ok(e) = res else { return };
+                let relevant = matches!(
+                    e.kind,
+                    notify::EventKind::Create(_)
+                        | notify::EventKind::Modify(notify::event::ModifyKind::Name(_))
+                );
+                if relevant
+                    && e.paths
+                        .iter()
+                        .any(|p| paths.read().expect("paths lock").contains(p))
+                {
+                    events.fetch_add(1, Ordering::Relaxed);
+                    wake.notify_one();
+                }
+            })?
+        };
+        Ok(Self {
+            watcher,
+            dirs: BTreeSet::new(),
+            paths,
+            events,
+        })
+    }
+
+    /// Watches the directories of `sources` (and of what they resolve to) and no others.
+    fn watch(&mut self, sources: &BTreeSet<PathBuf>) {
+        use notify::Watcher;
+        let mut paths = BTreeSet::new();
+        for p in sources {
+            paths.insert(p.clone());
+            paths.insert(staged(p));
+            if let Ok(real) = std::fs::canonicalize(p)
+                && real != *p
+            {
+                paths.insert(staged(&real));
+                paths.insert(real);
+            }
+        }
+        let dirs: BTreeSet<PathBuf> = paths
+            .iter()
+            .filter_map(|p| p.parent().map(Path::to_path_buf))
+            .collect();
+        *self.paths.write().expect("paths lock") = paths;
+        for gone in self.dirs.difference(&dirs) {
+            let _ = self.watcher.unwatch(gone);
+        }
+        for new in dirs.difference(&self.dirs) {
+            // A directory that does not exist yet is the periodic round's to notice.
+            if let Err(e) = self.watcher.watch(new, notify::RecursiveMode::NonRecursive) {
+                debug!("inotify on {}: {e}", new.display());
+            }
+        }
+        self.dirs = dirs;
+    }
+}
+
+use compile::staged_upgrade as staged;
 
 impl Reconciler {
     pub async fn new(
@@ -272,7 +355,27 @@ impl Reconciler {
             watched: BTreeSet::new(),
             watcher: None,
             wake,
+            sources: None,
+            source_events_seen: 0,
         })
+    }
+
+    /// Turns the watch of the host's `fromSource` directories on (the default) or off (to
+    /// measure what it brings: `cargo xtask bench-upgrade`).
+    pub fn watch_sources(&mut self, on: bool) {
+        self.sources = if on {
+            match SourceWatch::new(self.wake.clone()) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    warn!(
+                        "cannot watch the fromSource directories with inotify ({e}); a replaced                          binary is found by the periodic round only, and refused until then"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
     }
 
     pub fn embedded(&self) -> bool {
@@ -577,12 +680,20 @@ impl Reconciler {
         let Ok(r) = host_resolver() else {
             return Vec::new();
         };
-        c.sources.iter().map(|p| r.resolve(p).ok()).collect()
+        // The staged new version of each too (see `compile::staged_upgrade`): its appearance
+        // is a change to apply, like its rename.
+        c.sources
+            .iter()
+            .flat_map(|p| [r.resolve(p).ok(), r.resolve(&staged(p)).ok()])
+            .collect()
     }
 
     /// Records what was applied.
     pub fn applied(&mut self, compiled: Compiled, workloads: Vec<Workload>) {
         self.identities = Self::source_identities(&compiled);
+        if let Some(w) = self.sources.as_mut() {
+            w.watch(&compiled.sources);
+        }
         self.last = compiled;
         self.in_force(workloads);
     }
@@ -645,6 +756,14 @@ impl Reconciler {
 
     /// One round: reload what changed, compile, and apply if the result differs.
     pub(crate) async fn round(&mut self, shared: &Arc<Shared>) {
+        let events_before = self
+            .sources
+            .as_ref()
+            .map(|w| w.events.load(Ordering::Relaxed));
+        let watcher_missed = events_before == Some(self.source_events_seen);
+        if let Some(n) = events_before {
+            self.source_events_seen = n;
+        }
         let fingerprint = self.source.fingerprint();
         let files_changed = fingerprint != self.fingerprint;
         if files_changed {
@@ -693,6 +812,18 @@ impl Reconciler {
         let why = if files_changed {
             "policy change"
         } else if identities != self.identities && !self.identities.is_empty() {
+            // No event since the last round, none since this one began: inotify missed it.
+            if watcher_missed
+                && self
+                    .sources
+                    .as_ref()
+                    .map(|w| w.events.load(Ordering::Relaxed))
+                    == events_before
+            {
+                warn!(
+                    "the periodic round found a replaced fromSource binary that inotify did not                      report; it was refused until now. Check the inotify limits                      (fs.inotify.max_user_watches) and the agent's earlier warnings"
+                );
+            }
             "refresh after a fromSource binary changed"
         } else {
             "workload or cluster change"

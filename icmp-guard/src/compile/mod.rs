@@ -331,7 +331,11 @@ impl Paths<'_> {
                             None
                         }
                     });
-                id.into_iter().collect()
+                let staged = *self
+                    .host_cache
+                    .entry(staged_upgrade(path))
+                    .or_insert_with(|| staged_identity(host, path));
+                id.into_iter().chain(staged).collect()
             }
             // A container without the file (or still being set up) allows nothing through it:
             // that is the image's content, not an operator's mistake, so it is not reported.
@@ -355,6 +359,28 @@ impl Paths<'_> {
                 .collect(),
         }
     }
+}
+
+/// Where dpkg writes the new version of `path` before renaming it over `path`.
+pub fn staged_upgrade(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".dpkg-new");
+    PathBuf::from(s)
+}
+
+/// The identity of the new version of `path` a package upgrade is installing, allowed ahead of
+/// dpkg's rename so that no run of the upgraded program is refused between the rename and the
+/// next compilation. Only a file that root wrote in a directory that only root may write: a
+/// user who could create `<path>.dpkg-new` could otherwise get any program allowed.
+fn staged_identity(host: &Resolver, path: &Path) -> Option<ExecutableId> {
+    use std::os::unix::fs::MetadataExt;
+    let staged = staged_upgrade(path);
+    let file = std::fs::symlink_metadata(&staged).ok()?;
+    let dir = std::fs::metadata(staged.parent()?).ok()?;
+    let root_only = |m: &std::fs::Metadata| m.uid() == 0 && m.mode() & 0o022 == 0;
+    (file.file_type().is_file() && root_only(&file) && dir.is_dir() && root_only(&dir))
+        .then(|| host.resolve(&staged).ok())
+        .flatten()
 }
 
 fn selects(

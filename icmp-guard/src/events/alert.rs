@@ -475,10 +475,12 @@ impl Context {
         let total = entries.iter().map(|(_, n)| n).sum();
         let workload = entries.first().map(|(k, _)| k.workload);
         let mut a = self.loss_event("suppressed by the alert rate limit", total, workload, limit);
-        let mut lines: Vec<(u64, String)> = entries
-            .iter()
-            .map(|(k, n)| (*n, self.suppressed_as_text(k)))
-            .collect();
+        // Keys that read the same (one program under two policy epochs, say) are one line.
+        let mut by_text: std::collections::BTreeMap<String, u64> = Default::default();
+        for (k, n) in entries {
+            *by_text.entry(self.suppressed_as_text(k)).or_default() += n;
+        }
+        let mut lines: Vec<(u64, String)> = by_text.into_iter().map(|(t, n)| (n, t)).collect();
         lines.sort_by(|x, y| y.0.cmp(&x.0).then_with(|| x.1.cmp(&y.1)));
         let listed: Vec<String> = lines
             .iter()

@@ -114,8 +114,8 @@ pub enum Arrival {
     /// A pinned set of this layout was adopted: its policy stays in force until this agent's
     /// replaces it, and alerts it raised meanwhile are read from its ring buffer.
     Adopted,
-    /// A pinned set of another layout (`from`) was found: a new set was loaded beside it and
-    /// the old one removed once the new one enforced.
+    /// A pinned set of another layout (`from`) was found: a new set was loaded beside it, and
+    /// the old one is removed once the new one enforces this agent's first policy.
     Replaced { from: u32 },
     /// Not pinned (`--no-pin`).
     Unpinned,
@@ -139,6 +139,18 @@ pub struct Enforcer {
     flipped_since_quiescence: bool,
     /// How the last wait for readers went (reported once if it had to sleep).
     quiescence: Option<Quiescence>,
+    /// A set of another layout this agent's replaces, until its first policy is applied.
+    takeover: Option<Takeover>,
+}
+
+/// The old set while the new one, loaded beside it, has only the empty policy: both decide,
+/// and the old one's lease is kept fresh, until the new one holds the agent's first policy.
+/// Removing it earlier would leave a moment with nothing refused.
+struct Takeover {
+    from: u32,
+    old: PinDir,
+    staging: PinDir,
+    old_lease: Option<LeaseKeeper>,
 }
 
 /// One generation's entries, without the generation in the keys.
@@ -323,20 +335,18 @@ impl Enforcer {
                 // one only once the new one enforces. The first words of STATE are the same in
                 // every layout, so the old set's lease can be kept fresh meanwhile.
                 let old = pin.as_ref().expect("pinned");
-                if let Some(old_state) = pins::read_state(&old.path) {
-                    old_state
-                        .set_lease_until_ns(pins::boottime_ns() + opts.lease.as_nanos() as u64);
-                }
+                let old_lease = pins::read_state(&old.path)
+                    .map(|old_state| LeaseKeeper::start(Arc::new(old_state), opts.lease));
                 // bpffs refuses names with a dot: no `.next`.
                 let path = PathBuf::from(format!("{}-next", old.path.display()));
                 let _ = pins::unload(&path);
                 (
                     Arrival::Replaced { from },
-                    Some(PinDir::open(&path, Duration::ZERO)?),
+                    Some((PinDir::open(&path, Duration::ZERO)?, old_lease)),
                 )
             }
         };
-        let target = staging.as_ref().or(pin.as_ref());
+        let target = staging.as_ref().map(|(s, _)| s).or(pin.as_ref());
         let mut ebpf = load_object(offsets, target.map(|p| p.path.as_path()))?;
         let Some(aya::maps::Map::Array(state)) = ebpf.map(m::MAP_STATE) else {
             bail!("kernel object has no array map {}", m::MAP_STATE);
@@ -401,6 +411,7 @@ impl Enforcer {
             // An adopted set may have just flipped: wait before rewriting either generation.
             flipped_since_quiescence: adopted,
             quiescence: None,
+            takeover: None,
         };
         if !adopted {
             // Empty policy first: the programs must never run against half-written maps.
@@ -420,32 +431,51 @@ impl Enforcer {
         install_stages(&mut enforcer.ebpf, stages, programs)?;
         let link_dir = staging
             .as_ref()
+            .map(|(s, _)| s)
             .or(enforcer.pins.as_ref())
             .map(|p| p.path.clone());
         enforcer.attach(opts, link_dir.as_deref())?;
-        if let (Some(staging), Some(old)) = (staging, enforcer.pins.take()) {
-            // The new set enforces: remove the old one, then put the new one in its place.
-            let removed = pins::unload(&old.path)?;
-            log::info!(
-                "removed the pinned set of layout {} at {} ({} pins) after this one took over",
-                match arrival {
-                    Arrival::Replaced { from } => from,
-                    _ => 0,
-                },
-                old.path.display(),
-                removed.len()
-            );
-            std::fs::rename(&staging.path, &old.path).with_context(|| {
-                format!(
-                    "moving {} to {}",
-                    staging.path.display(),
-                    old.path.display()
-                )
-            })?;
-            enforcer.pins = Some(staging.moved_to(old.path.clone()));
+        if let (Some((staging, old_lease)), Some(old), Arrival::Replaced { from }) =
+            (staging, enforcer.pins.take(), arrival)
+        {
+            enforcer.takeover = Some(Takeover {
+                from,
+                old,
+                staging,
+                old_lease,
+            });
         }
         log::debug!("enforcer ready");
         Ok(enforcer)
+    }
+
+    /// The new set holds this agent's first policy: remove the old one, then put the new one
+    /// in its place.
+    fn complete_takeover(&mut self, t: Takeover) -> Result<()> {
+        let Takeover {
+            from,
+            old,
+            staging,
+            old_lease,
+        } = t;
+        if let Some(mut keeper) = old_lease {
+            keeper.stop();
+        }
+        let removed = pins::unload(&old.path)?;
+        log::info!(
+            "removed the pinned set of layout {from} at {} ({} pins) after this one took over",
+            old.path.display(),
+            removed.len()
+        );
+        std::fs::rename(&staging.path, &old.path).with_context(|| {
+            format!(
+                "moving {} to {}",
+                staging.path.display(),
+                old.path.display()
+            )
+        })?;
+        self.pins = Some(staging.moved_to(old.path.clone()));
+        Ok(())
     }
 
     /// Attaches the hook. Unpinned: the link belongs to this process. Pinned in `dir`: an
@@ -560,6 +590,10 @@ impl Enforcer {
         self.written[generation as usize] = Some(target);
         self.epoch = epoch;
         self.flipped_since_quiescence = true;
+        if let Some(t) = self.takeover.take() {
+            self.complete_takeover(t)
+                .context("the policy is in force, but the pinned set it replaces is left")?;
+        }
         Ok(())
     }
 

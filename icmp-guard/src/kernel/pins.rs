@@ -224,6 +224,63 @@ pub fn status(dir: &Path) -> Status {
     }
 }
 
+/// Keeps the lease of the set pinned in `dir` fresh from a thread of its own until dropped.
+pub struct LeaseHold {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for LeaseHold {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+/// A starting agent renews the lease of a set whose agent is gone (a restart after the stop
+/// grace began, a crash) before anything slow: reading the kernel's BTF and loading the
+/// programs take seconds on a slow machine (15 s under qemu's TCG), longer than the stop grace,
+/// and the set must keep deciding until this agent adopts it. A lapsed lease is renewed too:
+/// this agent adopts the set and its policy in a moment anyway. A set whose agent still runs is
+/// left alone (it renews its own).
+pub fn hold_lease(dir: &Path, lease: Duration) -> Option<LeaseHold> {
+    let st = status(dir);
+    if !st.pinned || st.agent_alive {
+        return None;
+    }
+    let state = read_state(dir)?;
+    let renew = move |state: &StateMap| {
+        state.set_lease_until_ns(boottime_ns() + lease.as_nanos() as u64);
+    };
+    renew(&state);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let thread = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("early-lease".into())
+            .spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    renew(&state);
+                    std::thread::park_timeout(Duration::from_secs(1));
+                }
+            })
+            .ok()?
+    };
+    log::info!(
+        "renewing the lease of the pinned set at {} (its agent, pid {}, is gone) while this \
+         agent starts",
+        dir.display(),
+        st.agent_pid
+    );
+    Some(LeaseHold {
+        stop,
+        thread: Some(thread),
+    })
+}
+
 /// `CLOCK_BOOTTIME`, the clock of `bpf_ktime_get_boot_ns`.
 pub fn boottime_ns() -> u64 {
     let mut ts = libc::timespec {

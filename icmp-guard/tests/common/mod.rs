@@ -287,6 +287,36 @@ impl Agent {
         self.stop_inner();
     }
 
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the agent runs").id()
+    }
+
+    /// Sends `sig` and waits (up to 15 s) for the agent to exit; returns how it exited. A pin
+    /// directory the harness gave the agent is removed after; one the test passed is left as
+    /// the agent left it.
+    pub fn signal(mut self, sig: i32) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the agent runs");
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if start.elapsed() > Duration::from_secs(15) {
+                let _ = child.kill();
+                panic!(
+                    "agent did not exit within 15 s of signal {sig}; log:\n{}",
+                    self.log.lock().unwrap().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        self.unpin();
+        status
+    }
+
     fn stop_inner(&mut self) {
         if let Some(mut child) = self.child.take() {
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -331,6 +361,44 @@ impl Drop for Agent {
         }
         if let Some(p) = self.own_pins.take() {
             let _ = icmp_guard::kernel::pins::unload(&p);
+        }
+    }
+}
+
+/// `CLOCK_MONOTONIC` in seconds: the clock of Python's `time.monotonic()`, so that times taken
+/// here and in a probe compare.
+pub fn monotonic() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// A pin directory a test owns (for agents it starts one after the other); its set is removed
+/// when dropped.
+pub struct TestPins {
+    pub path: PathBuf,
+}
+
+impl TestPins {
+    pub fn new(name: &str) -> Self {
+        TestPins {
+            path: test_pin_dir(name),
+        }
+    }
+
+    pub fn arg(&self) -> String {
+        format!("--pin-dir={}", self.path.display())
+    }
+}
+
+impl Drop for TestPins {
+    fn drop(&mut self) {
+        if self.path.exists() {
+            let _ = icmp_guard::kernel::pins::unload(&self.path);
         }
     }
 }

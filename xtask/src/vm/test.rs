@@ -1,5 +1,5 @@
-//! `cargo xtask vm-test`: runs icmp-guard's end-to-end integration tests (`enforcement` and
-//! `kubearmor_scenario`) inside a VM booted with the BPF LSM on, once per requested kernel.
+//! `cargo xtask vm-test`: runs icmp-guard's end-to-end integration tests (`enforcement`,
+//! `kubearmor_scenario` and `restarts`) inside a VM booted with the BPF LSM on, once per requested kernel.
 //!
 //! Contract with `icmp-guard/tests/*.rs` (paths inside the VM):
 //! - the test executables are `/opt/icmp-guard/<suite>-tests`, run one after the other as root
@@ -29,12 +29,13 @@ use super::qemu::{self, DEFAULT_TIMEOUT_SECS, VmSpec};
 use super::{GuestExit, Kernel, KernelChoice, cargo_bin, workspace_root};
 
 /// (test target, path inside the VM) of every suite that runs there.
-const SUITES: [(&str, &str); 2] = [
+const SUITES: [(&str, &str); 3] = [
     ("enforcement", "/opt/icmp-guard/enforcement-tests"),
     (
         "kubearmor_scenario",
         "/opt/icmp-guard/kubearmor_scenario-tests",
     ),
+    ("restarts", "/opt/icmp-guard/restarts-tests"),
 ];
 const GUEST_AGENT: &str = "/usr/local/bin/icmp-guard";
 const GUEST_POLICIES: &str = "/opt/icmp-guard/policies";
