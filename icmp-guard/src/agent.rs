@@ -3,6 +3,7 @@
 //! The data path, stage by stage: the sources ([`reconcile`] gathers them and compiles) → the
 //! kernel (the enforcer's maps) → the ring buffer of decisions → alerts → the outputs.
 
+pub mod guard;
 pub mod reconcile;
 
 use std::{
@@ -28,11 +29,8 @@ use crate::{
 };
 use reconcile::{Environment, PolicySource, Reconciler};
 
-use crate::{
-    compile::guard::GuardCompiled,
-    guard::{GuardService, GuardSetup},
-    sources::policy::PolicySet,
-};
+use crate::{compile::guard::GuardCompiled, sources::policy::PolicySet};
+use guard::{GuardService, GuardSetup};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -242,12 +240,12 @@ pub fn run(args: RunArgs) -> Result<()> {
             node_labels: desired.node_labels.clone(),
             audit_only: args.mode == Mode::Audit,
         };
-        let guard_compiled = crate::guard::compile(&desired.set, &guard_setup)?;
+        let guard_compiled = crate::agent::guard::compile(&desired.set, &guard_setup)?;
         enforcer.apply(&compiled)?;
         let epoch = enforcer.epoch();
         // The guard changes nothing on the network unless a KubeArmorNetworkPolicy asks for it.
         let guard = match &guard_compiled {
-            Some(c) => Some(crate::guard::start(c, &config.guard)?),
+            Some(c) => Some(crate::agent::guard::start(c, &config.guard)?),
             None => None,
         };
         info!(
@@ -388,7 +386,7 @@ async fn serve(
         let outputs = outputs.clone();
         let mut policy = shared.guard_policy.subscribe();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(crate::guard::INTERFACE_POLL);
+            let mut tick = tokio::time::interval(crate::agent::guard::INTERFACE_POLL);
             loop {
                 tokio::select! {
                     changed = policy.changed() => {

@@ -6,7 +6,7 @@
 //!   identities resolved;
 //! - [`kernel`]: the programs loaded and attached, the maps written, kernel struct offsets;
 //! - [`events`]: decision records from the ring buffer → KubeArmor alerts;
-//! - [`agent`]: the running agent that wires these stages together, with [`guard`] for the
+//! - [`agent`]: the running agent that wires these stages together, with [`agent::guard`] for the
 //!   inbound ICMP guard's.
 //!
 //! Beside them: [`audit`] (EC2-044 for security groups) and the other CLI commands in [`cli`].
@@ -15,7 +15,6 @@ pub mod audit;
 pub mod cli;
 pub mod compile;
 pub mod events;
-pub mod guard;
 pub mod kernel;
 pub mod outputs;
 pub mod sources;

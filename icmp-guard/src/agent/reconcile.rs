@@ -786,7 +786,7 @@ impl Reconciler {
                 return;
             }
         };
-        let guard = match crate::guard::compile(&desired.set, shared.guard.setup()) {
+        let guard = match crate::agent::guard::compile(&desired.set, shared.guard.setup()) {
             Ok(g) => g,
             Err(e) => {
                 error!("policy reload refused, the previous policy stays in force: {e:#}");

@@ -11,8 +11,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 
 use crate::{
+    agent::guard::GuardSetup,
     compile::guard::GuardCompiled,
-    guard::GuardSetup,
     kernel::guard::Guard,
     sources::{
         config::{GuardConfig, Posture},
@@ -116,7 +116,7 @@ fn compile(set: &crate::sources::policy::PolicySet, config: GuardConfig) -> Resu
             crate::agent::hostname(),
         ),
     ]);
-    crate::guard::compile(
+    crate::agent::guard::compile(
         set,
         &GuardSetup {
             config,
