@@ -543,8 +543,8 @@ fn alive(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
-/// Stops the API server with SIGTERM (its graceful shutdown closes every watch), and waits
-/// until it is gone and its port refuses connections.
+/// Stops the API server with SIGTERM (its graceful shutdown closes every watch; SIGKILL if that
+/// takes more than 15 s), and waits until it is gone and its port refuses connections.
 pub fn stop_apiserver() -> StoppedApiServer {
     let pid: i32 = std::fs::read_to_string(apiserver_pid_file())
         .expect("the harness's kube-apiserver pid file")
@@ -564,7 +564,17 @@ pub fn stop_apiserver() -> StoppedApiServer {
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
     // SAFETY: plain kill(2) of the pid the harness recorded and we just checked.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    wait_until(Duration::from_secs(60), "the API server exits", || {
+    // Its graceful shutdown waits up to 60 s for open requests to end (the kubelet's and the
+    // agent's watches may not); past 15 s it is killed, which is an outage all the same.
+    let start = Instant::now();
+    while alive(pid) && start.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if alive(pid) {
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    }
+    wait_until(Duration::from_secs(10), "the API server exits", || {
         !alive(pid)
     });
     wait_until(Duration::from_secs(10), "port 6443 closed", || {
