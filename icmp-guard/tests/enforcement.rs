@@ -260,18 +260,21 @@ fn processes_running_before_the_agent_are_enforced() {
     agent.stop();
 }
 
-/// A package upgrade replaces the allowed binary with a new inode; it must stay allowed.
-#[test]
-fn a_replaced_allowed_binary_stays_allowed() {
-    let cg = TestCgroup::new("upgrade");
-    let dir = scratch("upgrade");
+/// A copy of ping in a scratch directory, and an agent whose policy allows icmp and raw
+/// sockets from that copy only: what a package upgrade will replace.
+fn upgrade_setup(
+    name: &str,
+    extra: &[&str],
+) -> (TestCgroup, std::path::PathBuf, std::path::PathBuf, Agent) {
+    let cg = TestCgroup::new(name);
+    let dir = scratch(name);
     let allowed = dir.join("ping");
     std::fs::copy(PING, &allowed).unwrap();
     let policy = dir.join("policy.yaml");
     std::fs::write(
         &policy,
         format!(
-            "apiVersion: security.kubearmor.com/v1\nkind: KubeArmorHostPolicy\nmetadata:\n  name: upgrade\nspec:\n  nodeSelector:\n    matchLabels:\n      kubernetes.io/os: linux\n  network:\n    matchProtocols:\n    - protocol: icmp,raw\n      fromSource:\n      - path: {}\n  action: Allow\n",
+            "apiVersion: security.kubearmor.com/v1\nkind: KubeArmorHostPolicy\nmetadata:\n  name: {name}\nspec:\n  nodeSelector:\n    matchLabels:\n      kubernetes.io/os: linux\n  network:\n    matchProtocols:\n    - protocol: icmp,raw\n      fromSource:\n      - path: {}\n  action: Allow\n",
             allowed.display()
         ),
     )
@@ -280,8 +283,15 @@ fn a_replaced_allowed_binary_stays_allowed() {
         policy: Some(&policy),
         config: None,
         attach: &cg.path,
-        extra: &[],
+        extra,
     });
+    (cg, dir, allowed, agent)
+}
+
+/// A package upgrade replaces the allowed binary with a new inode; it must stay allowed.
+#[test]
+fn a_replaced_allowed_binary_stays_allowed() {
+    let (cg, dir, allowed, agent) = upgrade_setup("upgrade", &[]);
     let place = placement(&cg);
     let ping = allowed.to_str().unwrap();
     let out = run_probe(&place, &[ping, "-c", "1", "-W", "2", "127.0.0.1"]);
@@ -323,25 +333,7 @@ fn a_replaced_allowed_binary_stays_allowed() {
 /// program runs the moment it is renamed into place.
 #[test]
 fn a_replaced_allowed_binary_is_applied_at_once() {
-    let cg = TestCgroup::new("upgrade-inotify");
-    let dir = scratch("upgrade-inotify");
-    let allowed = dir.join("ping");
-    std::fs::copy(PING, &allowed).unwrap();
-    let policy = dir.join("policy.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            "apiVersion: security.kubearmor.com/v1\nkind: KubeArmorHostPolicy\nmetadata:\n  name: upgrade-inotify\nspec:\n  nodeSelector:\n    matchLabels:\n      kubernetes.io/os: linux\n  network:\n    matchProtocols:\n    - protocol: icmp,raw\n      fromSource:\n      - path: {}\n  action: Allow\n",
-            allowed.display()
-        ),
-    )
-    .unwrap();
-    let agent = Agent::start(AgentSpec {
-        policy: Some(&policy),
-        config: None,
-        attach: &cg.path,
-        extra: &["--refresh-ms", "600000"],
-    });
+    let (cg, dir, allowed, agent) = upgrade_setup("upgrade-inotify", &["--refresh-ms", "600000"]);
     // Any update counts (the log names its cause, which depends on what else the round saw):
     // with the periodic round ten minutes away, only inotify can have woken it.
     let applied = |n: usize, what: &str| {

@@ -260,15 +260,21 @@ fn now_unix_ns() -> i128 {
         .unwrap_or(0)
 }
 
+/// What every alert starts with: its time (seconds and RFC 3339 with microseconds), the
+/// cluster and the host. The socket and the guard alerts fill in the rest.
+pub fn alert_at(unix_ns: i128, cluster_name: &str, host_name: &str) -> Alert {
+    Alert {
+        timestamp: unix_ns.div_euclid(1_000_000_000) as i64,
+        updated_time: rfc3339_micros(unix_ns),
+        cluster_name: cluster_name.to_string(),
+        host_name: host_name.to_string(),
+        ..Default::default()
+    }
+}
+
 impl Context {
     fn base(&self, unix_ns: i128) -> Alert {
-        Alert {
-            timestamp: unix_ns.div_euclid(1_000_000_000) as i64,
-            updated_time: rfc3339_micros(unix_ns),
-            cluster_name: self.cluster_name.clone(),
-            host_name: self.host_name.clone(),
-            ..Default::default()
-        }
+        alert_at(unix_ns, &self.cluster_name, &self.host_name)
     }
 
     pub fn alert(&self, ev: &SocketEvent) -> Alert {

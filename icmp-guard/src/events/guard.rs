@@ -19,7 +19,7 @@ use icmp_guard_common::{
 
 use crate::{
     compile::guard::GuardRuleInfo,
-    events::alert::{Alert, rfc3339_micros},
+    events::alert::{Alert, alert_at},
     kernel::guard::{AttachMode, Counters, SourceSnapshot},
     sources::policy::network::Family,
 };
@@ -76,13 +76,9 @@ fn why(r: u8) -> &'static str {
 impl GuardContext {
     fn base(&self, unix_ns: i128) -> Alert {
         Alert {
-            timestamp: unix_ns.div_euclid(1_000_000_000) as i64,
-            updated_time: rfc3339_micros(unix_ns),
-            cluster_name: self.cluster_name.clone(),
-            host_name: self.host_name.clone(),
             operation: "NetworkFirewall".into(),
             resource: "INGRESS".into(),
-            ..Default::default()
+            ..alert_at(unix_ns, &self.cluster_name, &self.host_name)
         }
     }
 
