@@ -295,6 +295,13 @@ pub fn boottime_ns() -> u64 {
 /// Removes the pinned set in `dir`: the links first (the programs detach at once and every
 /// socket is allowed again), then the maps and the directory.
 pub fn unload(dir: &Path) -> Result<Vec<String>> {
+    // Removing a link's pin does not detach it at once: bpffs drops the link after an RCU
+    // grace period, and the kernel releases it from a workqueue after that. The lease ends
+    // first, so every program still attached lets every socket through from here on.
+    if let Some(state) = read_state(dir) {
+        state.set_lease_until_ns(0);
+        super::state::wait_for_readers();
+    }
     let mut removed = Vec::new();
     for kind in ["lsm", "cgroup"] {
         let p = link_pin(dir, kind);
