@@ -8,15 +8,17 @@
 # Installs what it needs first. Any failure, or any test that did not run, fails the whole.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# Each stage's header says when it began, so that a slow run shows where its time went.
+stage() { printf '== [%dm%02ds] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
 bash scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 
-echo "== cargo fmt --check"
+stage "cargo fmt --check"
 cargo fmt --all -- --check
-echo "== cargo clippy --workspace --all-targets -- -D warnings"
+stage "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --quiet --workspace --all-targets -- -D warnings
 
-echo "== host tests (unit, parsers, audit, end to end with the cgroup enforcer and the XDP guard on $(uname -r), gRPC and metrics with grpcurl and grpcio)"
+stage "host tests (unit, parsers, audit, end to end with the cgroup enforcer and the XDP guard on $(uname -r), gRPC and metrics with grpcurl and grpcio)"
 cargo test --release --workspace 2>&1 | tee target/host-tests.log
 # A test binary that ran nothing, or skipped anything, is a failure here.
 if grep -E "test result: .* [1-9][0-9]* ignored" target/host-tests.log; then
@@ -30,7 +32,7 @@ for t in enforcement kubearmor_scenario grpc guard restarts; do
   }
 done
 
-echo "== Kubernetes: pods as workloads and the DaemonSet in a single-node cluster (cargo xtask k8s test)"
+stage "Kubernetes: pods as workloads and the DaemonSet in a single-node cluster (cargo xtask k8s test)"
 # Built first, so that the cluster runs only while the tests do. The harness builds the
 # cluster once (cached outside the clone), starts it with an empty etcd, runs the suite and
 # always stops it, restoring the host.
@@ -49,13 +51,13 @@ for t in kubernetes kubernetes_daemonset; do
   }
 done
 
-echo "== container image (built here, imported into a private containerd and podman)"
+stage "container image (built here, imported into a private containerd and podman)"
 cargo xtask image-test 2>&1 | tee target/image-test.log
 
-echo "== fuzzing (every parser of untrusted input, ${ICMP_GUARD_FUZZ_SECONDS:-25} s per target)"
+stage "fuzzing (every parser of untrusted input, ${ICMP_GUARD_FUZZ_SECONDS:-25} s per target)"
 cargo xtask fuzz --seconds "${ICMP_GUARD_FUZZ_SECONDS:-25}" 2>&1 | tee target/fuzz.log
 
-echo "== VM tests (LSM enforcer on Debian kernels under qemu)"
+stage "VM tests (LSM enforcer on Debian kernels under qemu)"
 cargo xtask vm-test --kernel "${ICMP_GUARD_VM_KERNELS:-all}" 2>&1 | tee target/vm-tests.log
 
 # The unit starts and enforces, no refused socket gets through across a restart or a SIGKILL
@@ -63,7 +65,7 @@ cargo xtask vm-test --kernel "${ICMP_GUARD_VM_KERNELS:-all}" 2>&1 | tee target/v
 # `systemd-analyze security` exposure. `caps` (each capability dropped in turn: ten agent starts
 # under TCG, about eight minutes) is left to ICMP_GUARD_SYSTEMD_CHECKS, to keep the whole
 # command under an hour.
-echo "== the systemd unit under a live systemd (Debian VM, BPF LSM)"
+stage "the systemd unit under a live systemd (Debian VM, BPF LSM)"
 cargo xtask vm-systemd --check "${ICMP_GUARD_SYSTEMD_CHECKS:-start,ping,restart,kill,stop,security}" 2>&1 \
   | tee target/vm-systemd.log
 
@@ -72,4 +74,5 @@ passed=$(cat target/host-tests.log target/k8s-tests.log target/vm-tests.log \
   | grep -oE "test result: ok\. [0-9]+ passed" | awk '{s += $4} END {print s + 0}')
 checks=$(grep -cE "^[a-z]+ +PASS " target/vm-systemd.log || true)
 echo "test.sh: host suites, fuzzing, the Kubernetes suite, the image test, VM suites on every kernel and ${checks} systemd checks passed"
+stage "done"
 echo "$((passed + checks + 1)) passed, 0 failed"
