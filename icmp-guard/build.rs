@@ -134,7 +134,8 @@ fn compile_proto(manifest_dir: &Path, out_dir: &Path) -> Result<()> {
     )?;
     let messages = out_dir.join("feeder-messages");
     let service = out_dir.join("feeder-service");
-    for dir in [&messages, &service] {
+    let client = out_dir.join("feeder-client");
+    for dir in [&messages, &service, &client] {
         std::fs::create_dir_all(dir)?;
     }
     tonic_prost_build::configure()
@@ -152,7 +153,17 @@ fn compile_proto(manifest_dir: &Path, out_dir: &Path) -> Result<()> {
         .emit_rerun_if_changed(false)
         .extern_path(".feeder", "crate::outputs::grpc::proto")
         .extern_path(".feeder.Alert", "crate::outputs::grpc::wire::EncodedAlert")
-        .compile_fds(fds)
+        .compile_fds(fds.clone())
         .context("generating the feeder.LogService server")?;
+    // `icmp-guard test --pod` reads the running agent's alerts as any KubeArmor client does.
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(false)
+        .build_transport(false)
+        .out_dir(&client)
+        .emit_rerun_if_changed(false)
+        .extern_path(".feeder", "crate::outputs::grpc::proto")
+        .compile_fds(fds)
+        .context("generating the feeder.LogService client")?;
     Ok(())
 }

@@ -152,6 +152,59 @@ pub fn spawn_until_ready(
     }
 }
 
+/// The DaemonSet grants these for `icmp-guard test --pod` (entering a pod's network and mount
+/// namespaces); the agent itself never uses them, so it gives them up.
+const POD_TEST_CAPABILITIES: [(u32, &str); 2] = [(21, "CAP_SYS_ADMIN"), (18, "CAP_SYS_CHROOT")];
+
+/// Removes `caps` from this thread's effective, permitted and inheritable sets (`capset`);
+/// logs the ones it held.
+fn drop_capabilities(caps: &[(u32, &str)]) -> Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget fills two `Data` words for version 3.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("reading this process's capabilities");
+    }
+    let mut held = Vec::new();
+    for &(cap, name) in caps {
+        let (word, bit) = ((cap / 32) as usize, 1u32 << (cap % 32));
+        if data[word].permitted & bit != 0 {
+            held.push(name);
+        }
+        data[word].effective &= !bit;
+        data[word].permitted &= !bit;
+        data[word].inheritable &= !bit;
+    }
+    if held.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: as above; only lowers the sets.
+    if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("giving up capabilities");
+    }
+    info!(
+        "gave up {} (granted for `icmp-guard test --pod`; the agent does not use them)",
+        held.join(", ")
+    );
+    Ok(())
+}
+
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -169,6 +222,10 @@ pub(crate) struct Shared {
 
 pub fn run(args: RunArgs) -> Result<()> {
     crate::kernel::enforcer::check_root()?;
+    if args.kubernetes.in_cluster {
+        // Before any thread starts: capabilities are per thread.
+        drop_capabilities(&POD_TEST_CAPABILITIES)?;
+    }
     crate::compile::identity::require_initial_pid_namespace()?;
     info!("{}", crate::compile::identity::HostRoot::explain());
     let config = match &args.config {

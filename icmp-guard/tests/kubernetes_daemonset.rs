@@ -449,5 +449,46 @@ fn seed_scenario(agent: &str) {
             .all(|a| s(a, "ProcessName") != "/usr/bin/ping" || s(a, "Action") != "Block"),
         "{alerts:?}"
     );
+
+    // `icmp-guard test --pod`, from the agent's pod as an operator runs it: the probes run in
+    // the nginx pod with its own executables, the alerts come from the agent's stream.
+    let target = format!("default/{}", pod.name());
+    let o = kubectl_output(
+        &[
+            "exec",
+            "-n",
+            NS,
+            "ds/icmp-guard",
+            "--",
+            "icmp-guard",
+            "test",
+            "--pod",
+            &target,
+        ],
+        None,
+    );
+    let t = out(&o);
+    eprintln!("kubectl exec -n {NS} ds/icmp-guard -- icmp-guard test --pod {target}:\n{t}");
+    assert!(o.status.success(), "icmp-guard test --pod failed:\n{t}");
+    assert!(t.contains("PASS: "), "{t}");
+    for row in ["hping3 ", "hping3 --icmp", "raw ICMP socket", "ping "] {
+        let line = t
+            .lines()
+            .find(|l| l.starts_with(row))
+            .unwrap_or_else(|| panic!("no {row:?} row:\n{t}"));
+        assert!(
+            line.trim_end().ends_with("pass") && !line.contains("skipped"),
+            "the {row:?} row did not pass in the pod:\n{t}"
+        );
+    }
+    assert!(
+        t.contains(&format!("probes ran in pod {target} (container nginx,")),
+        "{t}"
+    );
+    let log = agent_log(agent);
+    assert!(
+        log.contains("gave up CAP_SYS_ADMIN, CAP_SYS_CHROOT"),
+        "the agent kept the capabilities it holds only for `test --pod`:\n{log}"
+    );
     cleanup("--wait=false");
 }

@@ -5,9 +5,13 @@
 use std::{
     ffi::CString,
     io,
-    os::unix::{ffi::OsStrExt, process::CommandExt},
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::{ffi::OsStrExt, process::CommandExt},
+    },
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -18,6 +22,28 @@ pub struct Placement {
     pub cgroup: Option<PathBuf>,
     /// A fresh network namespace with loopback up and nothing else.
     pub private_net: bool,
+    /// Another process's namespaces to enter (a pod's), after joining the cgroup.
+    pub enter: Option<Arc<Namespaces>>,
+}
+
+/// Namespaces of a running process, opened from `/proc/PID/ns`.
+#[derive(Debug)]
+pub struct Namespaces {
+    pub net: OwnedFd,
+    /// With it, the program path resolves in the process's root (its mount namespace's).
+    pub mnt: Option<OwnedFd>,
+}
+
+impl Namespaces {
+    /// `pid`'s network namespace, and its mount namespace if `with_mnt`.
+    pub fn of(pid: u32, with_mnt: bool) -> io::Result<Self> {
+        let open =
+            |kind: &str| std::fs::File::open(format!("/proc/{pid}/ns/{kind}")).map(OwnedFd::from);
+        Ok(Namespaces {
+            net: open("net")?,
+            mnt: if with_mnt { Some(open("mnt")?) } else { None },
+        })
+    }
 }
 
 impl Placement {
@@ -25,6 +51,17 @@ impl Placement {
         Placement {
             cgroup: Some(cgroup.to_path_buf()),
             private_net: true,
+            enter: None,
+        }
+    }
+
+    /// In `cgroup` and in the namespaces `ns` (a pod's network, and its mount namespace so that
+    /// the pod's own executables run): the pod's loopback is the only one its probes reach.
+    pub fn in_pod(cgroup: &Path, ns: Namespaces) -> Self {
+        Placement {
+            cgroup: Some(cgroup.to_path_buf()),
+            private_net: false,
+            enter: Some(Arc::new(ns)),
         }
     }
 
@@ -36,6 +73,7 @@ impl Placement {
             .as_ref()
             .map(|c| CString::new(c.join("cgroup.procs").as_os_str().as_bytes()).unwrap());
         let private_net = self.private_net;
+        let enter = self.enter.clone();
         // SAFETY: only async-signal-safe syscalls run between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -47,6 +85,17 @@ impl Placement {
                 }
                 if let Some(p) = &procs {
                     join_cgroup(p)?;
+                }
+                // After the cgroup: its path is one of this mount namespace.
+                if let Some(ns) = &enter {
+                    if libc::setns(ns.net.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    if let Some(mnt) = &ns.mnt
+                        && libc::setns(mnt.as_raw_fd(), libc::CLONE_NEWNS) != 0
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });

@@ -21,8 +21,12 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
-    cli::sandbox::{self, Placement},
+    cli::{
+        pod::{self, PodTarget},
+        sandbox::{self, Placement},
+    },
     kernel::enforcer::EnforcerChoice,
+    outputs::grpc::client::AlertWatch,
     sources::workload,
 };
 
@@ -54,6 +58,21 @@ pub struct TestArgs {
     /// Print the rows as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Probe a pod (NAMESPACE/NAME) under the running agent, from the icmp-guard pod on its
+    /// node: the probes run in the pod's cgroup and namespaces with the pod's own executables,
+    /// and the agent's alerts are read from its KubeArmor alert stream (--grpc).
+    #[arg(long, value_name = "NAMESPACE/NAME", conflicts_with_all = ["policy", "config", "workload", "alerts", "cgroup"])]
+    pub pod: Option<String>,
+    /// With --pod: the container to probe in (default: the pod's first running container).
+    #[arg(long, requires = "pod")]
+    pub container: Option<String>,
+    /// With --pod: the running agent's KubeArmor alert stream (its --grpc, plaintext).
+    #[arg(long, default_value = "127.0.0.1:32767")]
+    pub grpc: String,
+    /// With --pod: the kubeconfig to find the pod with (default: the pod's service account,
+    /// else $KUBECONFIG or ~/.kube/config).
+    #[arg(long, requires = "pod")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -71,6 +90,8 @@ struct Probe {
     expect: Expect,
     /// The executable whose absence makes the row "not installed".
     tool: PathBuf,
+    /// icmp-guard's own probe: never in a pod, so it runs from this root.
+    own: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -81,6 +102,8 @@ pub struct Row {
     pub errno: String,
     pub alert: String,
     pub pass: bool,
+    /// The pod has no such executable: the row says so and decides nothing.
+    pub skipped: bool,
     pub note: String,
 }
 
@@ -91,6 +114,7 @@ fn probes() -> Result<Vec<Probe>> {
         argv: argv.iter().map(|s| s.to_string()).collect(),
         expect,
         tool: PathBuf::from(tool),
+        own: false,
     };
     let me_str = me.to_string_lossy().into_owned();
     Ok(vec![
@@ -126,6 +150,7 @@ fn probes() -> Result<Vec<Probe>> {
             argv: vec![me_str.clone(), "probe-socket".into(), "raw-icmp".into()],
             expect: Expect::Refused,
             tool: me.clone(),
+            own: true,
         },
         p(
             "ping",
@@ -150,13 +175,57 @@ impl Drop for OwnAgent {
     }
 }
 
+/// Where the alerts of this run are read.
+enum Alerts {
+    /// An agent's `--output` file, from the byte offset where this run's alerts start.
+    File { path: PathBuf, from: u64 },
+    /// A running agent's KubeArmor alert stream, subscribed to before the first probe.
+    Stream(AlertWatch),
+}
+
+impl Alerts {
+    fn read(&self) -> Vec<Value> {
+        match self {
+            Alerts::File { path, from } => read_alerts(path, *from),
+            Alerts::Stream(w) => w.alerts(),
+        }
+    }
+}
+
 struct Setup {
-    alerts: PathBuf,
-    /// Byte offset in the alert file where this run's alerts start.
-    from: u64,
-    cgroup: PathBuf,
+    alerts: Alerts,
+    /// Where the probes run, and icmp-guard's own probe.
+    place: Placement,
+    own_place: Placement,
+    /// The pod probed, whose root has the probes' executables.
+    pod: Option<PodTarget>,
+    /// For the summary line.
+    placed: String,
     _agent: Option<OwnAgent>,
     _cleanup: Option<PathBuf>,
+}
+
+impl Setup {
+    fn in_cgroup(
+        alerts: Alerts,
+        cgroup: PathBuf,
+        agent: Option<OwnAgent>,
+        cleanup: Option<PathBuf>,
+    ) -> Self {
+        let place = Placement::in_cgroup(&cgroup);
+        Setup {
+            alerts,
+            own_place: place.clone(),
+            place,
+            pod: None,
+            placed: format!(
+                "probes ran in cgroup {} with a loopback-only network",
+                cgroup.display()
+            ),
+            _agent: agent,
+            _cleanup: cleanup,
+        }
+    }
 }
 
 fn start_agent(args: &TestArgs, policy: &Path, config: &Path, dir: &Path) -> Result<OwnAgent> {
@@ -184,6 +253,26 @@ fn start_agent(args: &TestArgs, policy: &Path, config: &Path, dir: &Path) -> Res
 }
 
 fn setup(args: &TestArgs) -> Result<Setup> {
+    if let Some(spec) = &args.pod {
+        let target = pod::resolve(spec, args.container.as_deref(), args.kubeconfig.as_deref())?;
+        let watch = AlertWatch::start(&args.grpc)?;
+        return Ok(Setup {
+            alerts: Alerts::Stream(watch),
+            place: target.placement()?,
+            own_place: target.own_placement()?,
+            placed: format!(
+                "probes ran in pod {} (container {}, cgroup {}) in its network and mount \
+                 namespaces; alerts from the agent's stream at {}",
+                target.pod,
+                target.container,
+                target.cgroup.display(),
+                args.grpc
+            ),
+            pod: Some(target),
+            _agent: None,
+            _cleanup: None,
+        });
+    }
     let mount = workload::cgroup2_mount()?;
     let configured = match (&args.config, &args.workload) {
         (Some(c), Some(name)) => {
@@ -220,13 +309,15 @@ fn setup(args: &TestArgs) -> Result<Setup> {
                 )
             })?
             .len();
-        return Ok(Setup {
-            alerts: alerts.clone(),
-            from,
+        return Ok(Setup::in_cgroup(
+            Alerts::File {
+                path: alerts.clone(),
+                from,
+            },
             cgroup,
-            _agent: None,
-            _cleanup: cleanup,
-        });
+            None,
+            cleanup,
+        ));
     }
     let dir = std::env::temp_dir().join(format!("icmp-guard-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -261,13 +352,15 @@ fn setup(args: &TestArgs) -> Result<Setup> {
         (None, Some(_)) => bail!("--config without --policy: give the policy the agent enforces"),
     };
     let agent = start_agent(args, &policy, &config, &dir)?;
-    Ok(Setup {
-        alerts: dir.join("alerts.jsonl"),
-        from: 0,
+    Ok(Setup::in_cgroup(
+        Alerts::File {
+            path: dir.join("alerts.jsonl"),
+            from: 0,
+        },
         cgroup,
-        _agent: Some(agent),
-        _cleanup: cleanup,
-    })
+        Some(agent),
+        cleanup,
+    ))
 }
 
 impl Drop for Setup {
@@ -319,9 +412,22 @@ fn run_probe(setup: &Setup, probe: &Probe) -> Row {
         errno: "-".into(),
         alert: "-".into(),
         pass: false,
+        skipped: false,
         note: String::new(),
     };
-    if !probe.tool.exists() {
+    if let Some(pod) = setup.pod.as_ref().filter(|_| !probe.own)
+        && !pod.in_root(&probe.tool).exists()
+    {
+        row.errno = "not in the pod".into();
+        row.skipped = true;
+        row.note = format!(
+            "container {} has no {}",
+            pod.container,
+            probe.tool.display()
+        );
+        return row;
+    }
+    if setup.pod.is_none() && !probe.tool.exists() {
         row.errno = "not installed".into();
         row.note = format!(
             "{} is not installed (apt-get install -y hping3 nmap iputils-ping)",
@@ -330,7 +436,12 @@ fn run_probe(setup: &Setup, probe: &Probe) -> Row {
         return row;
     }
     let argv: Vec<&str> = probe.argv.iter().map(String::as_str).collect();
-    let child = match sandbox::spawn(&Placement::in_cgroup(&setup.cgroup), &argv, Stdio::null()) {
+    let place = if probe.own {
+        &setup.own_place
+    } else {
+        &setup.place
+    };
+    let child = match sandbox::spawn(place, &argv, Stdio::null()) {
         Ok(c) => c,
         Err(e) => {
             row.note = format!("could not start: {e}");
@@ -352,7 +463,7 @@ fn run_probe(setup: &Setup, probe: &Probe) -> Row {
     let deadline = Instant::now() + Duration::from_millis(1500);
     let mut mine;
     loop {
-        let all = read_alerts(&setup.alerts, setup.from);
+        let all = setup.alerts.read();
         mine = alerts_of(&all, pid)
             .into_iter()
             .cloned()
@@ -408,17 +519,30 @@ pub fn run(args: &TestArgs) -> Result<bool> {
     crate::kernel::enforcer::check_root()?;
     let setup = setup(args)?;
     let rows: Vec<Row> = probes()?.iter().map(|p| run_probe(&setup, p)).collect();
-    let all_pass = rows.iter().all(|r| r.pass);
+    if let Alerts::Stream(w) = &setup.alerts
+        && let Some(why) = w.ended()
+    {
+        bail!("the agent's alert stream ended during the test ({why}): no row can be trusted");
+    }
+    // Rows the pod has no executable for decide nothing, but at least one refusal must be seen.
+    let all_pass = rows.iter().all(|r| r.pass || r.skipped)
+        && rows.iter().any(|r| r.pass && r.expected == Expect::Refused);
+    let skipped = rows.iter().filter(|r| r.skipped).count();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print_table(&rows);
         println!(
-            "{}: {} of {} rows as expected (probes ran in cgroup {} with a loopback-only network)",
+            "{}: {} of {} rows as expected{} ({})",
             if all_pass { "PASS" } else { "FAIL" },
             rows.iter().filter(|r| r.pass).count(),
-            rows.len(),
-            setup.cgroup.display()
+            rows.len() - skipped,
+            if skipped > 0 {
+                format!(", {skipped} skipped: not in the pod")
+            } else {
+                String::new()
+            },
+            setup.placed
         );
     }
     Ok(all_pass)
@@ -445,6 +569,7 @@ fn print_table(rows: &[Row]) {
                 r.errno.clone(),
                 r.alert.clone(),
                 match (r.pass, r.note.is_empty()) {
+                    _ if r.skipped => format!("skipped ({})", r.note),
                     (true, true) => "pass".into(),
                     (true, false) => format!("pass ({})", r.note),
                     (false, _) => format!("FAIL: {}", r.note),

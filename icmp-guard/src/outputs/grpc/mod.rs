@@ -4,13 +4,15 @@
 //! - [`proto`]: the messages of `proto/kubearmor.proto` and the alert conversion;
 //! - [`wire`]: an alert encoded once for every client;
 //! - [`hub`]: one bounded queue per client, losses counted and announced per client;
-//! - [`service`]: the RPCs, with KubeArmor's filter semantics.
+//! - [`service`]: the RPCs, with KubeArmor's filter semantics;
+//! - [`client`]: a subscriber, for `icmp-guard test --pod`.
 //!
 //! Beside `feeder.LogService` the server answers `grpc.health.v1` (the service reports SERVING
 //! while the agent enforces) and server reflection in both v1 and v1alpha (grpcurl 1.8 asks for
 //! v1alpha). Keepalive is KubeArmor's: a ping every second, a connection whose peer does not
 //! answer within 5 s is closed, and clients may ping without open streams.
 
+pub mod client;
 pub mod hub;
 pub mod proto;
 pub mod service;
