@@ -36,9 +36,9 @@ stage "Kubernetes: pods as workloads and the DaemonSet in a single-node cluster 
 # Built first, so that the cluster runs only while the tests do. The harness builds the
 # cluster once (cached outside the clone), starts it with an empty etcd, runs the suite and
 # always stops it, restoring the host.
-cargo test --release -p icmp-guard --features k8s-tests --test kubernetes \
+cargo test --release -p icmp-guard --test kubernetes \
   --test kubernetes_daemonset --no-run
-cargo xtask k8s test -- cargo test --release -p icmp-guard --features k8s-tests \
+cargo xtask k8s test -- cargo test --release -p icmp-guard \
   --test kubernetes --test kubernetes_daemonset -- --test-threads=1 2>&1 | tee target/k8s-tests.log
 if grep -E "test result: .* [1-9][0-9]* ignored" target/k8s-tests.log; then
   echo "test.sh: some Kubernetes tests were ignored" >&2

@@ -7,7 +7,7 @@
 //! as the seed does, and removes what it made), so that a failure names what broke. Traffic
 //! goes only to 127.0.0.1 inside pods. Without the cluster these tests fail; they never skip.
 //!
-//! Run: `cargo xtask k8s test -- cargo test --release -p icmp-guard --features k8s-tests
+//! Run: `cargo xtask k8s test -- cargo test --release -p icmp-guard
 //! --test kubernetes -- --test-threads=1`.
 
 mod common;

@@ -10,7 +10,7 @@
 //! `kubectl delete -f deploy/kubernetes/` and every socket back. Traffic goes only to 127.0.0.1
 //! in pods and in loopback-only network namespaces.
 //!
-//! Run: `cargo xtask k8s test -- cargo test --release -p icmp-guard --features k8s-tests
+//! Run: `cargo xtask k8s test -- cargo test --release -p icmp-guard
 //! --test kubernetes_daemonset -- --test-threads=1` (scripts/test.sh runs it after the
 //! `kubernetes` suite).
 

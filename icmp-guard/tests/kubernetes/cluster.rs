@@ -24,8 +24,8 @@ pub fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!(
             "{name} is not set: these tests need the test cluster; run them under the harness, \
-             e.g. `cargo xtask k8s test -- cargo test --release -p icmp-guard --features \
-             k8s-tests --test kubernetes -- --test-threads=1` (scripts/test.sh does)"
+             e.g. `cargo xtask k8s test -- cargo test --release -p icmp-guard --test \
+             kubernetes -- --test-threads=1` (scripts/test.sh does)"
         )
     })
 }
