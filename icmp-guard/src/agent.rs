@@ -152,9 +152,14 @@ pub fn spawn_until_ready(
     }
 }
 
-/// The DaemonSet grants these for `icmp-guard test --pod` (entering a pod's network and mount
-/// namespaces); the agent itself never uses them, so it gives them up.
-const POD_TEST_CAPABILITIES: [(u32, &str); 2] = [(21, "CAP_SYS_ADMIN"), (18, "CAP_SYS_CHROOT")];
+/// The DaemonSet grants these for `icmp-guard test --pod` alone: entering a pod's network and
+/// mount namespaces, and the raw sockets ping and the probes open (as a container's default
+/// capabilities allow them in the pod). The agent never uses them, so it gives them up.
+const POD_TEST_CAPABILITIES: [(u32, &str); 3] = [
+    (21, "CAP_SYS_ADMIN"),
+    (18, "CAP_SYS_CHROOT"),
+    (13, "CAP_NET_RAW"),
+];
 
 /// Removes `caps` from this thread's effective, permitted and inheritable sets (`capset`);
 /// logs the ones it held.

@@ -487,7 +487,7 @@ fn seed_scenario(agent: &str) {
     );
     let log = agent_log(agent);
     assert!(
-        log.contains("gave up CAP_SYS_ADMIN, CAP_SYS_CHROOT"),
+        log.contains("gave up CAP_SYS_ADMIN, CAP_SYS_CHROOT, CAP_NET_RAW"),
         "the agent kept the capabilities it holds only for `test --pod`:\n{log}"
     );
     cleanup("--wait=false");
