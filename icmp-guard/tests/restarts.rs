@@ -477,7 +477,9 @@ fn an_incompatible_pinned_set_is_replaced_with_no_gap() {
 fn probe_reports_a_pinned_set_whose_agent_is_gone() {
     let cg = TestCgroup::new("restarts-probe");
     let pins = TestPins::new("restarts-probe");
-    let agent = start_on(&cg, &pins, &strict_policy(), &[]);
+    // A lease no slow `probe` start outlasts (under TCG with a loaded host, the default 10 s did
+    // once): what is checked is what probe reports of a killed agent's set, not the lease.
+    let agent = start_on(&cg, &pins, &strict_policy(), &["--lease-secs=60"]);
     let pid = agent.pid();
     let probe = |extra: &[&str]| {
         Command::new(agent_bin())
@@ -507,7 +509,7 @@ fn probe_reports_a_pinned_set_whose_agent_is_gone() {
         .strip_suffix(" ms")
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("lease_left: {p}"));
-    assert!(left > 0 && left <= 10_000, "{p}");
+    assert!(left > 0 && left <= 60_000, "{p}");
     let out = probe(&["--enforcing"]);
     assert!(
         !out.status.success(),
