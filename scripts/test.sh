@@ -54,11 +54,23 @@ done
 stage "container image (built here, imported into a private containerd and podman)"
 cargo xtask image-test 2>&1 | tee target/image-test.log
 
-stage "fuzzing (every parser of untrusted input, ${ICMP_GUARD_FUZZ_SECONDS:-25} s per target)"
-cargo xtask fuzz --seconds "${ICMP_GUARD_FUZZ_SECONDS:-25}" 2>&1 | tee target/fuzz.log
+stage "fuzzing (every parser of untrusted input, ${ICMP_GUARD_FUZZ_SECONDS:-15} s per target)"
+cargo xtask fuzz --seconds "${ICMP_GUARD_FUZZ_SECONDS:-15}" 2>&1 | tee target/fuzz.log
 
 stage "VM tests (LSM enforcer on Debian kernels under qemu)"
-cargo xtask vm-test --kernel "${ICMP_GUARD_VM_KERNELS:-all}" 2>&1 | tee target/vm-tests.log
+# Every kernel runs the enforcement and restart suites: what differs between kernels (the
+# verifier, struct offsets, the LSM hook, links and pins) is loaded and exercised by both. The
+# KubeArmor scenario checks policy semantics, which the host suites also run, through the same
+# programs; it runs on the oldest kernel, 5.10. On all three it takes about four minutes more
+# (ICMP_GUARD_VM_ALL_SUITES=1), which the hour cannot spare.
+: > target/vm-tests.log
+for kernel in 5.10 6.1 6.12; do
+  suites=()
+  if [ "$kernel" != 5.10 ] && [ -z "${ICMP_GUARD_VM_ALL_SUITES:-}" ]; then
+    suites=(--suite enforcement --suite restarts)
+  fi
+  cargo xtask vm-test --kernel "$kernel" "${suites[@]}" 2>&1 | tee -a target/vm-tests.log
+done
 
 # The unit starts and enforces, no refused socket gets through across a restart or a SIGKILL
 # (the pinned programs and their lease), a stop gives every socket back, and the unit's

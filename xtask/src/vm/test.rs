@@ -56,6 +56,10 @@ pub struct VmTestArgs {
     /// Use this agent binary instead of building `-p icmp-guard --release`
     #[arg(long, value_name = "PATH")]
     pub agent: Option<PathBuf>,
+    /// Run only these suites (repeatable: enforcement, kubearmor_scenario, restarts; default:
+    /// all three)
+    #[arg(long = "suite", value_name = "SUITE")]
+    pub suites: Vec<String>,
     /// Extra arguments for the test executable (e.g. a test name filter)
     #[arg(last = true, value_name = "TEST_ARGS")]
     pub test_args: Vec<String>,
@@ -66,9 +70,17 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         Some(p) => p.clone(),
         None => build_agent()?,
     };
+    for name in &args.suites {
+        if !SUITES.iter().any(|(s, _)| s == name) {
+            bail!(
+                "no VM suite `{name}`; the suites are {}",
+                SUITES.map(|s| s.0).join(", ")
+            );
+        }
+    }
     let tests: Vec<(PathBuf, &str)> = match &args.test_exe {
         Some(p) => vec![(p.clone(), SUITES[0].1)],
-        None => build_tests()?,
+        None => build_tests(&args.suites)?,
     };
     for p in std::iter::once(&agent).chain(tests.iter().map(|(p, _)| p)) {
         if !p.is_file() {
@@ -391,14 +403,19 @@ pub fn build_agent() -> Result<PathBuf> {
     .context("`cargo build --release -p icmp-guard` produced no icmp-guard binary")
 }
 
-fn build_tests() -> Result<Vec<(PathBuf, &'static str)>> {
+/// The suites named in `only` (all when empty), built.
+fn build_tests(only: &[String]) -> Result<Vec<(PathBuf, &'static str)>> {
+    let selected: Vec<&(&str, &str)> = SUITES
+        .iter()
+        .filter(|(t, _)| only.is_empty() || only.iter().any(|o| o == t))
+        .collect();
     let mut args = vec!["test", "--release", "-p", "icmp-guard", "--no-run"];
-    for (target, _) in SUITES {
+    for (target, _) in &selected {
         args.extend(["--test", target]);
     }
     let artifacts = cargo_json(&args)?;
-    SUITES
-        .iter()
+    selected
+        .into_iter()
         .map(|(target, guest)| {
             let exe = find_artifact(&artifacts, |a| {
                 a["target"]["name"] == *target && a["profile"]["test"] == true
