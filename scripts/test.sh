@@ -85,6 +85,6 @@ cargo xtask vm-systemd --check "${ICMP_GUARD_SYSTEMD_CHECKS:-start,ping,restart,
 passed=$(cat target/host-tests.log target/k8s-tests.log target/vm-tests.log \
   | grep -oE "test result: ok\. [0-9]+ passed" | awk '{s += $4} END {print s + 0}')
 checks=$(grep -cE "^[a-z]+ +PASS " target/vm-systemd.log || true)
-echo "test.sh: host suites, fuzzing, the Kubernetes suite, the image test, VM suites on every kernel and ${checks} systemd checks passed"
+echo "test.sh: host suites, fuzzing, the Kubernetes suite, the image test, the VM suites on 5.10, 6.1 and 6.12 and ${checks} systemd checks passed"
 stage "done"
 echo "$((passed + checks + 1)) passed, 0 failed"

@@ -4,7 +4,7 @@
 //! are the pod's own executables and reach only the pod's loopback).
 
 use std::{
-    fs,
+    collections::HashMap,
     path::{Path, PathBuf},
 };
 
@@ -16,8 +16,8 @@ use crate::{
     cli::sandbox::{Namespaces, Placement},
     sources::{
         containers::{self, CgroupDriver},
-        kubernetes::pods,
-        workload,
+        kubernetes::{self, pods},
+        workload::{self, ContainerRoot},
     },
 };
 
@@ -78,11 +78,7 @@ pub fn resolve(
         .build()?;
     let pod: Pod = runtime.block_on(async {
         let config = match kubeconfig {
-            Some(path) => {
-                let kc = kube::config::Kubeconfig::read_from(path)
-                    .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-                kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
-            }
+            Some(path) => kubernetes::kubeconfig(path).await?,
             // In the agent's pod: its service account; elsewhere $KUBECONFIG or ~/.kube/config.
             None => kube::Config::infer().await.context(
                 "finding the Kubernetes API: run this in the icmp-guard pod, or pass --kubeconfig",
@@ -94,7 +90,7 @@ pub fn resolve(
             .await
             .with_context(|| format!("reading pod {namespace}/{name} from the API"))
     })?;
-    let node = crate::sources::kubernetes::KubernetesArgs::default().node_name();
+    let node = kubernetes::KubernetesArgs::default().node_name();
     let on = pod.spec.as_ref().and_then(|s| s.node_name.clone());
     if on.as_deref() != Some(node.as_str()) {
         bail!(
@@ -135,28 +131,28 @@ pub fn resolve(
         )
     })?;
     let pod_cgroup = containers::pod_cgroup(&mount, driver, info.qos, &info.uid);
-    let cgroup = fs::read_dir(&pod_cgroup)
-        .with_context(|| format!("reading pod {spec}'s cgroup {}", pod_cgroup.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .and_then(containers::container_id)
-                == Some(id.as_str())
-        })
+    // The agent's own discovery: the container's cgroup, and a process of it whose root is the
+    // container's (one the runtime has not yet moved would resolve the node's paths).
+    let found = containers::discover(&pod_cgroup, &HashMap::new())
+        .into_iter()
+        .find(|c| &c.id == id)
         .ok_or_else(|| {
             anyhow!(
                 "container {cname} ({id}) of pod {spec} has no cgroup under {}",
                 pod_cgroup.display()
             )
         })?;
-    let procs = cgroup.join("cgroup.procs");
-    let pid = fs::read_to_string(&procs)
-        .with_context(|| format!("reading {}", procs.display()))?
-        .lines()
-        .find_map(|l| l.trim().parse().ok())
-        .ok_or_else(|| anyhow!("container {cname} of pod {spec} has no process"))?;
+    let pid = found
+        .roots
+        .iter()
+        .find_map(|r| match r {
+            ContainerRoot::Process(pid) => Some(*pid),
+            ContainerRoot::Mount(_) => None,
+        })
+        .ok_or_else(|| {
+            anyhow!("container {cname} of pod {spec} has no process in its own root yet")
+        })?;
+    let cgroup = found.cgroup;
     Ok(PodTarget {
         pod: spec.to_string(),
         container: cname.clone(),

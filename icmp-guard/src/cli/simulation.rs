@@ -7,7 +7,9 @@
 //! Probes run inside a workload's cgroup and in a network namespace with only loopback, so
 //! nothing they send can leave the machine even if enforcement failed. It either starts its own
 //! agent (by default with the seed's ICMP-control policy and a workload labelled `app=nginx`), or
-//! watches the alert file of an agent that is already running.
+//! watches the alert file of an agent that is already running. With `--pod` the probes run in a
+//! pod instead (see `cli::pod`), with its own executables and its loopback, and the running
+//! agent's alerts come from its KubeArmor stream.
 
 use std::{
     io::{BufRead, BufReader, Seek, SeekFrom},

@@ -13,7 +13,7 @@ pub mod policies;
 use std::{
     collections::BTreeMap,
     fmt::Debug,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -84,6 +84,15 @@ pub fn policy_resource(kind: &str) -> ApiResource {
     )
 }
 
+/// The client configuration a kubeconfig file names.
+pub async fn kubeconfig(path: &Path) -> Result<kube::Config> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(path)
+        .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+    kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .with_context(|| format!("using kubeconfig {}", path.display()))
+}
+
 /// The watched state of the cluster, as far as this node is concerned.
 #[derive(Clone)]
 pub struct Cluster {
@@ -103,13 +112,7 @@ impl Cluster {
     /// the background (see [`Cluster::wait_synced`]).
     pub async fn connect(args: &KubernetesArgs) -> Result<Self> {
         let config = match &args.kubeconfig {
-            Some(path) => {
-                let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                    .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-                    .await
-                    .with_context(|| format!("using kubeconfig {}", path.display()))?
-            }
+            Some(path) => kubeconfig(path).await?,
             None => kube::Config::incluster().context(
                 "reading the in-cluster configuration (service account token and \
                  KUBERNETES_SERVICE_HOST); outside a pod, pass --kubeconfig",
